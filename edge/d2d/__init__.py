@@ -1,0 +1,1 @@
+"""Device-to-device: peer discovery, distance-based sharding, llama.cpp RPC across peers."""

@@ -1,0 +1,1 @@
+"""Real text that every machine has offline, split deterministically."""

@@ -1,0 +1,21 @@
+"""User-facing errors: each carries one line that names the problem and the numbers.
+
+The CLI prints ``error: <message>`` and exits with code 2 for any ``EdgeError``; anything else is
+a bug and keeps its traceback.
+"""
+
+
+class EdgeError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class ModelFormatError(EdgeError):
+    """A model file is missing, truncated, corrupted or not what its name says."""
+
+
+class UnsupportedModelError(EdgeError):
+    """A well-formed model that edge does not run (dense model, unknown architecture)."""
+
+
+class BundleError(EdgeError):
+    """An edge bundle is missing, incomplete or fails verification."""

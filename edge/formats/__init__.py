@@ -1,0 +1,1 @@
+"""Model file formats: Hugging Face checkpoints (config.json + safetensors) and GGUF."""

@@ -1,0 +1,56 @@
+"""The edge bundle's own weight file: canonical ModelWeights as one safetensors file (f32 or f16)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import BundleError
+from edge.formats import safetensors_io as st
+from edge.runtime.weights import LayerWeights, ModelWeights
+from edge.spec import ModelSpec
+
+DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def save(weights: ModelWeights, path: Path, dtype: str = "f32") -> None:
+    from safetensors.numpy import save_file
+
+    dt = DTYPES[dtype]
+
+    def cast(a: np.ndarray) -> np.ndarray:  # 1-D norms and routers stay float32: they are tiny
+        return np.ascontiguousarray(a, dtype=np.float32 if a.ndim == 1 else dt)
+
+    tensors = {"embed": cast(weights.embed), "norm": cast(weights.norm)}
+    if weights.lm_head is not weights.embed:
+        tensors["lm_head"] = cast(weights.lm_head)
+    for i, lw in enumerate(weights.layers):
+        for f in fields(LayerWeights):
+            a = getattr(lw, f.name)
+            if a is not None:
+                keep = f.name in ("router", "shared_router")
+                tensors[f"layers.{i}.{f.name}"] = np.ascontiguousarray(a, np.float32) if keep else cast(a)
+    save_file(tensors, str(path))
+
+
+def load(path: Path, spec: ModelSpec) -> ModelWeights:
+    infos = st.read_header(path)
+
+    def get(name: str) -> np.ndarray | None:
+        return st.load(infos[name]) if name in infos else None
+
+    if "embed" not in infos:
+        raise BundleError(f"{path.name} is not an edge weight file (no 'embed' tensor)")
+    layers = []
+    for i in range(spec.n_layers):
+        kw = {f.name: get(f"layers.{i}.{f.name}") for f in fields(LayerWeights)}
+        missing = [k for k, f in zip(kw, fields(LayerWeights)) if kw[k] is None and f.default is not None]
+        if missing:
+            raise BundleError(f"{path.name} lacks layers.{i}.{missing[0]}")
+        layers.append(LayerWeights(**kw))
+    embed = get("embed")
+    lm_head = get("lm_head")
+    return ModelWeights(spec=spec, embed=embed, norm=get("norm"),
+                        lm_head=embed if lm_head is None else lm_head, layers=layers)

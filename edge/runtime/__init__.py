@@ -1,0 +1,1 @@
+"""Executing a model: the reference engine, backends, tokenizers and the generation loop."""

@@ -1,0 +1,149 @@
+"""The reference engine: a torch-free numpy decoder for Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+It is the correctness baseline the other backends are checked against (its logits match
+transformers within 1e-3 in fp32, tests/test_reference_engine.py) and it exposes every routing
+decision, which the expert-offload work records as traces.
+
+Shapes: T new tokens, S positions in the cache, D hidden, H heads, G kv heads, Dh head dim,
+E experts, K active experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.runtime.weights import LayerWeights, ModelWeights
+
+# Called once per layer per forward: (layer index, expert ids [T, K], gate weights [T, K]).
+RouteObserver = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def route(x: np.ndarray, router: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over the router logits, keep the top k. x [T, D] -> ids [T, K], weights [T, K]."""
+    probs = softmax(x @ router.T)  # [T, E]
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(probs, ids, axis=-1)
+    if normalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return ids, w.astype(np.float32)
+
+
+class ReferenceEngine:
+    """Runs a model held in memory as float32 numpy arrays, with a KV cache.
+
+    >>> from edge.formats.hf import load_weights
+    >>> from edge.models import default_model_path
+    >>> eng = ReferenceEngine(load_weights(default_model_path()))
+    >>> eng.eval([10, 20, 30]).shape
+    (4096,)
+    """
+
+    name = "reference"
+
+    def __init__(self, weights: ModelWeights, *, n_ctx: int = 2048):
+        s = weights.spec
+        self.w, self.spec = weights, s
+        self.n_ctx = min(n_ctx, s.context_length)
+        self.n_vocab = s.vocab_size
+        shape = (s.n_layers, s.n_kv_heads, self.n_ctx, s.head_dim)
+        self._k = np.zeros(shape, dtype=np.float32)
+        self._v = np.zeros(shape, dtype=np.float32)
+        self.n_past = 0
+        # RoPE as transformers computes it, in float32 (rotate-half layout).
+        half = np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32) / s.head_dim
+        self._inv_freq = (1.0 / (np.float32(s.rope_theta) ** half)).astype(np.float32)
+        self.route_observers: list[RouteObserver] = []
+
+    # -- Backend protocol -------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the context; return logits [V] after the last (or [T, V])."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("eval needs a non-empty 1-D token list")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        x = self.w.embed[ids]  # [T, D]
+        pos = np.arange(self.n_past, self.n_past + len(ids))
+        cos, sin = self._rope(pos)
+        for i, layer in enumerate(self.w.layers):
+            x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.spec.rms_norm_eps), cos, sin)
+            x = x + self._moe(i, layer, rms_norm(x, layer.ffn_norm, self.spec.rms_norm_eps))
+        self.n_past += len(ids)
+        h = rms_norm(x if all_logits else x[-1:], self.w.norm, self.spec.rms_norm_eps)
+        logits = h @ self.w.lm_head.T
+        return logits if all_logits else logits[0]
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on (the cache rows are simply overwritten later)."""
+        self.n_past = max(0, min(n, self.n_past))
+
+    def close(self) -> None:
+        self._k = self._v = np.zeros((0,), dtype=np.float32)
+
+    # -- layers -----------------------------------------------------------------------------
+    def _rope(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        freqs = pos.astype(np.float32)[:, None] * self._inv_freq[None, :]  # [T, Dh/2]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]  # [T, 1, Dh]
+
+    @staticmethod
+    def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def _attention(self, i: int, lw: LayerWeights, x: np.ndarray, cos, sin) -> np.ndarray:
+        s = self.spec
+        T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
+        q, k, v = x @ lw.wq.T, x @ lw.wk.T, x @ lw.wv.T
+        if lw.bq is not None:
+            q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
+        q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        start, end = self.n_past, self.n_past + T
+        self._k[i, :, start:end] = k.transpose(1, 0, 2)
+        self._v[i, :, start:end] = v.transpose(1, 0, 2)
+        keys, values = self._k[i, :, :end], self._v[i, :, :end]  # [G, S, Dh]
+        qg = q.transpose(1, 0, 2).reshape(G, H // G, T, Dh)
+        scores = qg @ keys[:, None].transpose(0, 1, 3, 2) / np.float32(np.sqrt(Dh))  # [G, H/G, T, S]
+        if T > 1:
+            causal = np.arange(end)[None, :] > (start + np.arange(T))[:, None]  # [T, S]
+            scores = np.where(causal, np.float32(-np.inf), scores)
+        out = softmax(scores) @ values[:, None]  # [G, H/G, T, Dh]
+        out = out.reshape(H, T, Dh).transpose(1, 0, 2).reshape(T, H * Dh)
+        return out @ lw.wo.T
+
+    def _moe(self, i: int, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
+        ids, weights = route(x, lw.router, self.spec.top_k, self.spec.norm_topk_prob)
+        for observe in self.route_observers:
+            observe(i, ids, weights)
+        out = np.zeros_like(x)
+        for e in np.unique(ids):
+            rows, slot = np.nonzero(ids == e)
+            h = x[rows]
+            y = (silu(h @ lw.gate[e].T) * (h @ lw.up[e].T)) @ lw.down[e].T
+            out[rows] += y * weights[rows, slot][:, None]
+        if lw.shared_gate is not None:
+            y = (silu(x @ lw.shared_gate.T) * (x @ lw.shared_up.T)) @ lw.shared_down.T
+            out += y / (1.0 + np.exp(-(x @ lw.shared_router.T)))
+        return out

@@ -1,0 +1,81 @@
+"""ModelSpec: what a model is, independent of the file it came from.
+
+Dimensions are named once: L layers, D hidden, H query heads, G kv heads, Dh head dim,
+E routed experts, K active experts per token, F expert FFN width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str  # one of ARCHITECTURES
+    n_layers: int  # L
+    hidden_size: int  # D
+    n_heads: int  # H
+    n_kv_heads: int  # G
+    head_dim: int  # Dh
+    n_experts: int  # E
+    top_k: int  # K
+    expert_ffn_size: int  # F
+    n_shared_experts: int  # always-active experts (Qwen2-MoE: 1); counted as dense weights
+    shared_expert_ffn_size: int
+    vocab_size: int  # V
+    context_length: int
+    rope_theta: float
+    rms_norm_eps: float
+    norm_topk_prob: bool  # renormalise the top-K gate weights to sum to 1
+    attn_bias: bool  # q/k/v projections carry biases (Qwen2-MoE)
+    qk_norm: bool  # per-head RMSNorm of q and k before RoPE (Qwen3-MoE)
+    tied_embeddings: bool
+    # Sizes: "expert" = routed-expert FFN weights; "dense" = everything else (the trunk).
+    dense_params: int
+    expert_params: int
+    dense_bytes: int
+    expert_bytes: int
+    weight_dtype: str  # storage type of the expert weights: F32, F16, BF16, Q8_0, Q4_0, ...
+    source_format: str  # "hf" or "gguf"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}")
+        if not 0 < self.top_k <= self.n_experts:
+            raise ValueError(f"top_k {self.top_k} must be in 1..{self.n_experts}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} heads do not divide into {self.n_kv_heads} kv heads")
+
+    @property
+    def total_params(self) -> int:
+        return self.dense_params + self.expert_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token: the trunk plus K of E experts in every layer."""
+        return self.dense_params + self.expert_params * self.top_k // self.n_experts
+
+    @property
+    def expert_bytes_each(self) -> int:
+        """Bytes of one expert (gate, up and down matrices) in one layer, as stored."""
+        return self.expert_bytes // (self.n_layers * self.n_experts)
+
+    def architecture(self) -> dict[str, Any]:
+        """The numbers that define the network, without storage details: equal for a checkpoint
+        and any faithful conversion of it."""
+        skip = {"dense_bytes", "expert_bytes", "weight_dtype", "source_format"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise ValueError(f"model spec lacks {sorted(missing)}")
+        return cls(**{k: data[k] for k in names})
