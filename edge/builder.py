@@ -1,0 +1,98 @@
+"""``edge build``: turn a checkpoint or GGUF into an edge bundle (format gguf or edge)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from edge.bundle import Manifest, Progress, TokenizerInfo, write_bundle
+from edge.errors import EdgeError
+from edge.formats.gguf_write import OUTTYPES
+from edge.formats.safetensors_io import read_header
+from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
+
+FORMATS = ("gguf", "edge")
+
+
+def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", weight_type: str | None = None,
+          force: bool = False, threads: int = 2, progress: Progress | None = None) -> Manifest:
+    """Build a bundle at ``out`` from ``model`` (None: the embedded default).
+
+    ``format="gguf"`` makes a bundle for the llama.cpp backend (``weight_type`` f32, f16, q8_0,
+    q4_0, q4_k_m, ...; default f16); ``format="edge"`` one for the reference engine (f32 or f16).
+    """
+    if format not in FORMATS:
+        raise EdgeError(f"unknown bundle format {format!r}; choose gguf or edge")
+    src = resolve(model)
+    if src.kind == "bundle":
+        raise EdgeError(f"{src.path} is already a bundle; build from a checkpoint or a GGUF file")
+    read_spec(src)  # validates the source before anything is written
+    say = progress or (lambda msg: None)
+    if format == "gguf":
+        wtype = weight_type or ("keep" if src.kind == "gguf" else "f16")
+        if wtype not in (*OUTTYPES, "keep"):
+            raise EdgeError(f"unknown GGUF weight type {wtype!r}; choose one of {', '.join(OUTTYPES)}")
+        if src.kind == "gguf" and wtype != "keep":
+            raise EdgeError("a GGUF source is bundled as it is; omit --type (re-quantizing a GGUF loses accuracy)")
+    else:
+        wtype = weight_type or "f32"
+        if wtype not in ("f32", "f16"):
+            raise EdgeError(f"edge-format bundles hold f32 or f16 weights, not {wtype!r}")
+        if src.kind != "hf":
+            raise EdgeError("edge-format bundles are built from Hugging Face checkpoints (they need tokenizer.json)")
+
+    def populate(tmp: Path) -> dict:
+        if format == "gguf":
+            return _populate_gguf(src, tmp, wtype, threads, say)
+        return _populate_edge(src, tmp, wtype, say)
+
+    return write_bundle(Path(out), force=force, populate=populate, progress=say)
+
+
+def _populate_gguf(src: Source, tmp: Path, wtype: str, threads: int, say: Progress) -> dict:
+    from edge.formats.gguf_read import read_spec as gguf_spec
+
+    target = tmp / "model.gguf"
+    if src.kind == "gguf":
+        say(f"copying {src.path.name}")
+        shutil.copyfile(src.path, target)
+        wtype = gguf_spec(src.path).weight_dtype.lower()
+        bos, eos = None, ()
+    else:
+        from edge.formats.gguf_write import write_gguf
+        from edge.formats.hf import load_weights
+
+        say("reading checkpoint")
+        weights = load_weights(src.path)
+        bos, eos = hf_special_ids(src.path)
+        say(f"writing GGUF ({wtype})")
+        write_gguf(weights, hf_tokenizer_file(src.path), target, outtype=wtype, bos_id=bos,
+                   eos_id=eos[0] if eos else None, name=src.name, threads=threads)
+    return {
+        "name": src.name, "format": "gguf", "weight_type": wtype, "source": str(src.path.resolve()),
+        "spec": gguf_spec(target),
+        "tokenizer": TokenizerInfo(kind="gguf", file="model.gguf", eos_ids=eos, bos_id=bos),
+        "roles": {"model.gguf": "weights"},
+    }
+
+
+def _populate_edge(src: Source, tmp: Path, wtype: str, say: Progress) -> dict:
+    from edge.formats import edge_weights
+    from edge.formats.hf import load_weights
+
+    say("reading checkpoint")
+    weights = load_weights(src.path)
+    say(f"writing weights ({wtype})")
+    edge_weights.save(weights, tmp / "weights.safetensors", wtype)
+    shutil.copyfile(hf_tokenizer_file(src.path), tmp / "tokenizer.json")
+    bos, eos = hf_special_ids(src.path)
+    infos = read_header(tmp / "weights.safetensors")
+    expert = sum(i.nbytes for n, i in infos.items() if n.endswith((".gate", ".up", ".down")))
+    dense = sum(i.nbytes for i in infos.values()) - expert
+    spec = replace(weights.spec, expert_bytes=expert, dense_bytes=dense, weight_dtype=wtype.upper(), source_format="edge")
+    return {
+        "name": src.name, "format": "edge", "weight_type": wtype, "source": str(src.path.resolve()),
+        "spec": spec, "tokenizer": TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos),
+        "roles": {"weights.safetensors": "weights", "tokenizer.json": "tokenizer"},
+    }

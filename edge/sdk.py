@@ -1,0 +1,203 @@
+"""The SDK: ``edge.load(...)`` returns a Model with OpenAI-shaped completions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edge.cache import cache_dir
+from edge.errors import EdgeError
+from edge.runtime.generate import Backend, Generation, SamplingParams, Session
+from edge.runtime.tokenizer import HFTokenizer, LlamaCppTokenizer, Tokenizer
+from edge.sources import Source, hf_special_ids, hf_tokenizer_file, resolve
+from edge.spec import ModelSpec
+
+BACKENDS = ("auto", "reference", "llamacpp")
+
+
+class Model:
+    """A loaded model. Use as a context manager, or call ``close()``.
+
+    >>> import edge
+    >>> with edge.load() as m:
+    ...     out = m.create_completion("def fibonacci(", max_tokens=8, temperature=0)
+    >>> out["object"], out["choices"][0]["finish_reason"]
+    ('text_completion', 'length')
+    """
+
+    def __init__(self, *, name: str, spec: ModelSpec, backend: Backend, tokenizer: Tokenizer, source: Path):
+        self.name, self.spec, self.source = name, spec, source
+        self.backend, self.tokenizer = backend, tokenizer
+        self._session = Session(backend, tokenizer)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def create_completion(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
+                          stop: str | list[str] | None = None, stream: bool = False
+                          ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Complete ``prompt``; returns an OpenAI ``text_completion`` dict, or an iterator of
+        chunks of that shape when ``stream=True``. ``temperature=0`` decodes greedily.
+
+        >>> import edge
+        >>> with edge.load() as m:
+        ...     for chunk in m.create_completion("import ", max_tokens=4, stream=True, seed=1):
+        ...         _ = chunk["choices"][0]["text"]
+        """
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stats = Generation()
+        pieces = self._session.generate(prompt, max_tokens=max_tokens, sampling=sampling, stop=stops, stats=stats)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream:
+            return self._stream(pieces, cid, created, stats)
+        text, reason = [], None
+        for piece in pieces:
+            text.append(piece.text)
+            reason = piece.finish_reason or reason
+        return self._result(cid, created, "".join(text), reason, stats)
+
+    __call__ = create_completion
+
+    def _stream(self, pieces, cid: str, created: int, stats: Generation) -> Iterator[dict[str, Any]]:
+        for piece in pieces:
+            if piece.text or piece.finish_reason:
+                chunk = self._result(cid, created, piece.text, piece.finish_reason, stats)
+                if not piece.finish_reason:
+                    del chunk["usage"]
+                yield chunk
+
+    def _result(self, cid: str, created: int, text: str, reason: str | None, stats: Generation) -> dict[str, Any]:
+        return {
+            "id": cid, "object": "text_completion", "created": created, "model": self.name,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+            "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                      "total_tokens": stats.prompt_tokens + stats.completion_tokens},
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int = 2048,
+         n_threads: int | None = None, verify: bool = False) -> Model:
+    """Load a model for generation.
+
+    ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
+    None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp and
+    everything else on the reference engine; ``verify=True`` re-hashes every bundle file.
+
+    >>> import edge
+    >>> m = edge.load()
+    >>> m.spec.n_experts, m.spec.top_k
+    (8, 2)
+    >>> m.close()
+    """
+    if backend not in BACKENDS:
+        raise EdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    src = resolve(model)
+    if src.kind == "bundle":
+        return _load_bundle(src, backend, n_ctx, n_threads, verify)
+    if src.kind == "gguf":
+        return _load_gguf(src.path, src.name, backend, n_ctx, n_threads, eos=())
+    if backend == "llamacpp":
+        gguf = _cached_gguf(src)
+        bos, eos = hf_special_ids(src.path)
+        return _load_gguf(gguf, src.name, "llamacpp", n_ctx, n_threads, eos=eos, hf_dir=src.path)
+    from edge.formats.hf import load_weights
+
+    return _reference(load_weights(src.path), src, hf_tokenizer_file(src.path), hf_special_ids(src.path)[1], n_ctx)
+
+
+def _reference(weights, src: Source, tokenizer_json: Path, eos: tuple[int, ...], n_ctx: int) -> Model:
+    from edge.runtime.reference import ReferenceEngine
+
+    engine = ReferenceEngine(weights, n_ctx=n_ctx)
+    return Model(name=src.name, spec=weights.spec, backend=engine, tokenizer=HFTokenizer(tokenizer_json, eos),
+                 source=src.path)
+
+
+def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int | None, *,
+               eos: tuple[int, ...], hf_dir: Path | None = None) -> Model:
+    from edge.formats.gguf_read import read_spec
+
+    spec = read_spec(path)
+    if backend == "reference":
+        import llama_cpp
+
+        from edge.formats.gguf_read import load_weights
+        from edge.runtime.llamacpp import route_llama_logs
+        from edge.runtime.reference import ReferenceEngine
+
+        route_llama_logs()
+        vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        engine = ReferenceEngine(load_weights(path), n_ctx=n_ctx)
+        return Model(name=name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=path)
+    from edge.runtime.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(path, n_ctx=min(n_ctx, spec.context_length), n_threads=n_threads)
+    tok: Tokenizer = LlamaCppTokenizer(be.llama)
+    if hf_dir is not None:
+        tok = HFTokenizer(hf_tokenizer_file(hf_dir), eos)
+    return Model(name=name, spec=spec, backend=be, tokenizer=tok, source=path)
+
+
+def _load_bundle(src: Source, backend: str, n_ctx: int, n_threads: int | None, verify: bool) -> Model:
+    from edge.bundle import read_manifest, verify_bundle
+
+    manifest = read_manifest(src.path)
+    verify_bundle(src.path, manifest, full=verify)
+    weights_path = src.path / manifest.weights_file().path
+    if manifest.format == "gguf":
+        if backend == "auto":
+            backend = "llamacpp"
+        model = _load_gguf(weights_path, manifest.name, backend, n_ctx, n_threads, eos=manifest.tokenizer.eos_ids)
+        return model
+    if backend == "llamacpp":
+        raise EdgeError(f"{src.path} is an edge-format bundle; build a gguf bundle to run it with llama.cpp")
+    from edge.formats import edge_weights
+
+    weights = edge_weights.load(weights_path, manifest.spec)
+    return _reference(weights, src, src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids, n_ctx)
+
+
+def _cached_gguf(src: Source) -> Path:
+    """An f32 GGUF of a checkpoint, converted once and kept in the cache (keyed by content)."""
+    from edge.formats.gguf_write import write_gguf
+    from edge.formats.hf import load_weights
+
+    h = hashlib.sha256()
+    for p in sorted(src.path.iterdir()):
+        if p.suffix in (".json", ".safetensors"):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    target = cache_dir("gguf") / f"{src.name}-{h.hexdigest()[:16]}-f32.gguf"
+    if not target.is_file():
+        bos, eos = hf_special_ids(src.path)
+        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        try:
+            write_gguf(load_weights(src.path), hf_tokenizer_file(src.path), tmp, outtype="f32", bos_id=bos,
+                       eos_id=eos[0] if eos else None, name=src.name)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
