@@ -158,6 +158,12 @@ def chat(model: Optional[str] = ModelOpt,
             transcript += "".join(reply) + "\n"
 
 
+from edge.cli_moe import locality, trace  # noqa: E402
+
+app.command()(trace)
+app.command()(locality)
+
+
 def main() -> None:
     """Entry point: run the app, turning EdgeError and OSError into one-line errors (exit 2)."""
     debug = "--debug" in sys.argv[1:]
