@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.progress import Progress  # noqa: E402
 
-from edge.data.corpus import EOT, stdlib_corpus  # noqa: E402
+from edge.data.corpus import EOT, stdlib_corpus, token_stream  # noqa: E402
 from edge.formats.gguf_write import write_gguf  # noqa: E402
 from edge.formats.hf import load_weights  # noqa: E402
 from edge.models import default_model_path  # noqa: E402
@@ -27,14 +27,6 @@ from edge.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 from edge.runtime.perplexity import perplexity  # noqa: E402
 from edge.runtime.reference import ReferenceEngine  # noqa: E402
 from edge.runtime.tokenizer import HFTokenizer  # noqa: E402
-
-
-def stream(tok: HFTokenizer, texts: list[str]) -> list[int]:
-    (eot,) = tok.encode(EOT)  # the separator token, appended after each file as in training
-    ids: list[int] = []
-    for t in texts:
-        ids += tok.encode(t) + [eot]
-    return ids
 
 
 def main() -> None:
@@ -47,7 +39,9 @@ def main() -> None:
 
     corpus = stdlib_corpus()
     tok = HFTokenizer(args.model / "tokenizer.json")
-    train, held = stream(tok, corpus.train_texts()), stream(tok, corpus.heldout_texts())
+    (eot,) = tok.encode(EOT)
+    train = token_stream(tok.encode, corpus.train_texts(), eot)
+    held = token_stream(tok.encode, corpus.heldout_texts(), eot)
     counts = np.bincount(train, minlength=4096).astype(np.float64) + 1.0
     unigram = float(np.exp(-np.log(counts / counts.sum())[held].mean()))
     weights = load_weights(args.model)

@@ -28,6 +28,15 @@ class Corpus:
         return [_read(f) for f in self.heldout_files]
 
 
+def token_stream(encode, texts: list[str], eot_id: int) -> list[int]:
+    """Documents tokenized and joined with the separator token, as the default model was trained."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(encode(text))
+        ids.append(eot_id)
+    return ids
+
+
 def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
