@@ -25,6 +25,7 @@ _LLAMA_CPP_NORMALIZES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 QUANT_TYPES = {
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",

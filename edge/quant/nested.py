@@ -5,9 +5,13 @@ every weight gets an 8-bit asymmetric code per group of G inputs (scale s, offse
 fp16): q = round((w - z) / s), q in 0..255. The record is
 
     header: s and z of every group of the expert's matrices (fp16)
-    plane 7 | plane 6 | ... | plane 0       (plane p: bit p of every code, packed 8 per byte)
+    top:    bits 7-6 of every code, 4 codes per byte
+    plane 5 | plane 4 | ... | plane 0       (plane p: bit p of every code, 8 codes per byte)
 
-so the first b planes hold the top b bits of every code. A b-bit expert decodes q_b = q >> (8-b)
+so the first ``header + b * n / 8`` bytes hold the top b bits of every code (b >= 2). Codes are
+stored in ggml's Q4_1 nibble order within each block of 32 weights (0, 16, 1, 17, ..., 15, 31),
+so that turning a b-bit prefix (b <= 4) into ggml Q4_1 blocks is a few table look-ups
+(``to_q4_1``) instead of per-weight bit work. A b-bit expert decodes q_b = q >> (8-b)
 to the centre of its bin: w = z + s * (q_b * 2^(8-b) + (2^(8-b) - 1) / 2), and the 8-bit expert to
 w = z + s * q. Reading a b-bit expert reads ``prefix_bytes(b)`` bytes. Bits below MIN_BITS are not
 offered: a 1-bit expert is not a usable model.
@@ -83,33 +87,71 @@ def quantize_codes(w: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.nd
     return q.reshape(r, c), scale, offset
 
 
+BLOCK = 32  # ggml Q4_1 block: fp16 d, fp16 m, 16 bytes of nibbles (weight j low, j + 16 high)
+_PERM = np.array([j // 2 + (j % 2) * 16 for j in range(BLOCK)])  # 0, 16, 1, 17, ...
+_INV = np.argsort(_PERM)
+
+
+def _top_lut(shift: int) -> np.ndarray:
+    """byte of four 2-bit codes (first in bits 7-6) -> two Q4_1 nibble bytes, as uint16."""
+    v = np.arange(256)
+    a = [((v >> (6 - 2 * j)) & 3) << shift for j in range(4)]
+    return ((a[0] | a[1] << 4) | (a[2] | a[3] << 4) << 8).astype(np.uint16)
+
+
+def _plane_lut(shift: int) -> np.ndarray:
+    """byte of eight 1-bit codes (first in bit 7) -> four Q4_1 nibble bytes, as uint32."""
+    v = np.arange(256)
+    bit = [((v >> (7 - j)) & 1) << shift for j in range(8)]
+    return sum((bit[2 * k] | bit[2 * k + 1] << 4) << (8 * k) for k in range(4)).astype(np.uint32)
+
+
+_TOP_LUT = [_top_lut(s) for s in range(3)]
+_PLANE_LUT = [_plane_lut(s) for s in range(3)]
+
+
 def encode(mats: list[np.ndarray], group: int = GROUP) -> bytes:
-    """One expert's matrices -> its nested record (header, then bit planes from the top bit)."""
+    """One expert's matrices -> its nested record (header, top two bits, then one plane per bit)."""
     layout = NestedLayout(tuple(m.shape for m in mats), group)
     codes, headers = [], []
     for m in mats:
         q, s, z = quantize_codes(m, group)
         codes.append(q.ravel())
         headers.append(np.stack([s.ravel(), z.ravel()], axis=1).ravel())  # s0 z0 s1 z1 ...
-    q = np.concatenate(codes)
+    q = np.concatenate(codes).reshape(-1, BLOCK)[:, _PERM].ravel()  # nibble order
+    top = q >> 6
     out = bytearray(np.concatenate(headers).astype("<f2").tobytes())
-    for p in range(MAX_BITS - 1, -1, -1):
+    out += (top[0::4] << 6 | top[1::4] << 4 | top[2::4] << 2 | top[3::4]).astype(np.uint8).tobytes()
+    for p in range(MAX_BITS - 3, -1, -1):
         out += np.packbits((q >> p) & 1).tobytes()
     assert len(out) == layout.record_bytes
     return bytes(out)
 
 
+def _sections(buf, layout: NestedLayout, bits: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    raw = np.frombuffer(buf, dtype=np.uint8, count=layout.prefix_bytes(bits))
+    h, n = layout.header_bytes, layout.n_weights
+    header = raw[:h].view("<f2").reshape(-1, 2)
+    top = raw[h : h + n // 4]
+    planes = [raw[h + n // 4 + i * (n // 8) : h + n // 4 + (i + 1) * (n // 8)] for i in range(bits - 2)]
+    return header, top, planes
+
+
+def _codes(top: np.ndarray, planes: list[np.ndarray], bits: int, n: int) -> np.ndarray:
+    """Top ``bits`` bits of every code, back in row-major order, [n] uint8."""
+    q = np.empty(n, dtype=np.uint8)
+    for j in range(4):
+        q[j::4] = (top >> (6 - 2 * j)) & 3
+    for plane in planes:
+        q = (q << 1) | np.unpackbits(plane, count=n)
+    return q.reshape(-1, BLOCK)[:, _INV].ravel()
+
+
 def decode(buf: bytes | memoryview | np.ndarray, layout: NestedLayout, bits: int) -> list[np.ndarray]:
-    """The ``bits``-bit expert from (at least) the first ``layout.prefix_bytes(bits)`` bytes."""
-    need = layout.prefix_bytes(bits)
-    raw = np.frombuffer(buf, dtype=np.uint8, count=need)
-    header = raw[: layout.header_bytes].view("<f2").astype(np.float32).reshape(-1, 2)
-    n = layout.n_weights
-    q = np.zeros(n, dtype=np.uint8)
-    for i in range(bits):  # plane i holds bit (7 - i); it lands at bit (bits - 1 - i) of q_b
-        start = layout.header_bytes + i * layout.plane_bytes
-        plane = np.unpackbits(raw[start : start + layout.plane_bytes], count=n)
-        q |= plane << np.uint8(bits - 1 - i)
+    """The ``bits``-bit expert as float32 matrices, from (at least) its ``prefix_bytes(bits)``."""
+    header, top, planes = _sections(buf, layout, bits)
+    header = header.astype(np.float32)
+    q = _codes(top, planes, bits, layout.n_weights)
     shift = MAX_BITS - bits
     centre = ((1 << shift) - 1) / 2.0
     mats, w_at, g_at = [], 0, 0
@@ -121,6 +163,35 @@ def decode(buf: bytes | memoryview | np.ndarray, layout: NestedLayout, bits: int
         mats.append(w.reshape(r, c).astype(np.float32))
         w_at, g_at = w_at + r * c, g_at + ng
     return mats
+
+
+def q4_1_bytes(layout: NestedLayout) -> int:
+    """Size of the expert as ggml Q4_1 blocks (20 bytes per 32 weights)."""
+    return layout.n_weights // BLOCK * 20
+
+
+def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``bits``-bit expert (2 <= bits <= 4) as ggml Q4_1 blocks for each matrix, back to back.
+
+    Exact: the b-bit code q_b becomes the nibble, d = s * 2^(8-b) and m = z + s * (2^(8-b) - 1) / 2
+    (rounded to fp16, as Q4_1 stores them)."""
+    if not MIN_BITS <= bits <= 4:
+        raise ValueError(f"Q4_1 holds 2..4-bit experts, not {bits}")
+    header, top, planes = _sections(buf, layout, bits)
+    q = np.take(_TOP_LUT[bits - 2], top).view(np.uint32)  # [n/8]: 4 nibble bytes per element
+    for i, plane in enumerate(planes):
+        q |= np.take(_PLANE_LUT[bits - 3 - i], plane)
+    nb = layout.n_weights // BLOCK
+    per = layout.group // BLOCK
+    if out is None:
+        out = np.empty(nb * 20, dtype=np.uint8)
+    blocks = out[: nb * 20].reshape(nb // per, per, 20)  # [groups, blocks per group, 20 bytes]
+    s, z = header[:, 0].astype(np.float32), header[:, 1].astype(np.float32)
+    shift = MAX_BITS - bits
+    blocks[:, :, 0:2] = (s * float(1 << shift)).astype("<f2").view(np.uint8).reshape(-1, 1, 2)
+    blocks[:, :, 2:4] = (z + s * (((1 << shift) - 1) / 2.0)).astype("<f2").view(np.uint8).reshape(-1, 1, 2)
+    blocks[:, :, 4:] = q.view(np.uint8).reshape(nb // per, per, 16)
+    return out
 
 
 def rtn(w: np.ndarray, bits: int, group: int = GROUP) -> np.ndarray:

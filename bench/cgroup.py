@@ -1,0 +1,62 @@
+"""Run a command inside a cgroup-v1 memory limit (root only): the benchmarks' memory cap.
+
+The kernel charges the group's anonymous memory *and* its page cache, so a memory-mapped model
+really loses cached pages under the cap; over the cap the process is OOM-killed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class MemoryCap:
+    """``with MemoryCap(bytes) as cap: cap.run([...])`` — a fresh group, removed afterwards."""
+
+    def __init__(self, limit_bytes: int | None, name: str | None = None):
+        self.limit = limit_bytes
+        self.path = ROOT / (name or f"edge-bench-{os.getpid()}-{time.monotonic_ns()}")
+
+    def __enter__(self) -> "MemoryCap":
+        self.path.mkdir()
+        if self.limit is not None:
+            (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+        return self
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        """Run argv with its whole process tree in the group; records peak usage and OOM kills."""
+        def enter() -> None:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+        return subprocess.run(argv, preexec_fn=enter, **kw)
+
+    @property
+    def peak_bytes(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    @property
+    def oom_kills(self) -> int:
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def set_limit(self, limit_bytes: int) -> None:
+        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+
+    def __exit__(self, *exc: object) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)

@@ -1,0 +1,119 @@
+"""Expert kernels: ggml Q4_1 (through ctypes) against ONNX Runtime MatMulNBits and numpy, measured
+as the offload engine uses them — GEMV time *and* the cost of turning a freshly read nested
+record into the kernel's format.
+
+    python bench/kernels.py [--rows 2816 --cols 1024 --threads 2 --reps 50]
+
+Results: docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.quant.nested import NestedLayout, decode, encode, to_q4_1  # noqa: E402
+from edge.runtime.ggml import Q4_1, Graph, Weight  # noqa: E402
+
+
+def med(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def ort_session(codes: np.ndarray, d: np.ndarray, m: np.ndarray, rows: int, cols: int, threads: int):
+    """MatMulNBits (4 bits, block 32, accuracy_level 4) with B as a constant initializer."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    packed = (codes[:, 0::2] | codes[:, 1::2] << 4).astype(np.uint8).reshape(rows, cols // 32, 16)
+    zp = (-m / d).astype(np.float32)  # w = d * q + m = d * (q - zp)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zp"], ["Y"], domain="com.microsoft",
+                            K=cols, N=rows, bits=4, block_size=32, accuracy_level=4)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, cols])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, rows])],
+        initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(d.astype(np.float32), "scales"),
+                     numpy_helper.from_array(zp, "zp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2816)
+    ap.add_argument("--cols", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    R, C = args.rows, args.cols
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((R, C)) * 0.02).astype(np.float32)
+    layout = NestedLayout(((R, C),))
+    record = encode([w])
+    x = rng.standard_normal((1, C)).astype(np.float32)
+    rows = []
+
+    # ggml Q4_1: conversion writes straight into the tensor's memory.
+    gw = Weight(Q4_1, R, C)
+    conv = med(lambda: to_q4_1(record, layout, 4, out=gw.data), args.reps)
+
+    def ggml_gemv():
+        g = Graph(1 << 20)
+        g.compute([g.matmul(gw, g.input(x))], threads=args.threads)
+
+    rows.append(("ggml Q4_1 (ctypes)", med(ggml_gemv, args.reps), conv, "nested -> Q4_1 blocks (numpy LUTs)"))
+
+    # ONNX Runtime MatMulNBits: codes and block constants, then a session per expert.
+    blocks = to_q4_1(record, layout, 4).reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32).ravel()
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32).ravel()
+    shift = 4
+    from edge.quant.nested import _codes, _sections
+
+    header, top, planes = _sections(record, layout, 4)
+    codes = _codes(top, planes, 4, R * C).reshape(R, C)
+
+    def ort_build():
+        return ort_session(codes, d, m, R, C, args.threads)
+
+    build = med(ort_build, max(3, args.reps // 10))
+    sess = ort_build()
+    feed = {"A": x}
+    rows.append(("ONNX Runtime MatMulNBits 4-bit", med(lambda: sess.run(None, feed), args.reps), build,
+                 "codes -> ONNX model -> InferenceSession"))
+    y_ort = sess.run(None, feed)[0]
+
+    # numpy float32: decode the record to floats.
+    wf = decode(record, layout, 4)[0]
+    rows.append(("numpy float32", med(lambda: x @ wf.T, args.reps), med(lambda: decode(record, layout, 4), 5),
+                 "nested -> float32 matrix"))
+    g = Graph(1 << 20)
+    y_ggml = g.compute([g.matmul(gw, g.input(x))], threads=args.threads)[0]
+    y_ref = x @ wf.T
+    print(f"one expert matrix [{R} x {C}], 4-bit, batch 1, {args.threads} threads, median of {args.reps}; "
+          f"shift {shift}")
+    print(f"{'kernel':32s} {'GEMV ms':>8s} {'load ms':>8s}  load step")
+    for name, gemv, load, step in rows:
+        print(f"{name:32s} {gemv:8.3f} {load:8.2f}  {step}")
+    print(f"max |error| vs float decode: ggml {np.abs(y_ggml - y_ref).max():.2e}, "
+          f"ORT {np.abs(y_ort - y_ref).max():.2e} (|y| max {np.abs(y_ref).max():.2e})")
+
+
+if __name__ == "__main__":
+    main()
