@@ -12,7 +12,7 @@ from edge.formats.gguf_write import OUTTYPES
 from edge.formats.safetensors_io import read_header
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
 
-FORMATS = ("gguf", "edge")
+FORMATS = ("gguf", "edge", "offload")
 
 
 def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", weight_type: str | None = None,
@@ -20,10 +20,11 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
     """Build a bundle at ``out`` from ``model`` (None: the embedded default).
 
     ``format="gguf"`` makes a bundle for the llama.cpp backend (``weight_type`` f32, f16, q8_0,
-    q4_0, q4_k_m, ...; default f16); ``format="edge"`` one for the reference engine (f32 or f16).
+    q4_0, q4_k_m, ...; default f16); ``format="edge"`` one for the reference engine (f32 or f16);
+    ``format="offload"`` one for the offload engine (nested 2..8-bit expert store + dense weights).
     """
     if format not in FORMATS:
-        raise EdgeError(f"unknown bundle format {format!r}; choose gguf or edge")
+        raise EdgeError(f"unknown bundle format {format!r}; choose gguf, edge or offload")
     src = resolve(model)
     if src.kind == "bundle":
         raise EdgeError(f"{src.path} is already a bundle; build from a checkpoint or a GGUF file")
@@ -35,6 +36,12 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
             raise EdgeError(f"unknown GGUF weight type {wtype!r}; choose one of {', '.join(OUTTYPES)}")
         if src.kind == "gguf" and wtype != "keep":
             raise EdgeError("a GGUF source is bundled as it is; omit --type (re-quantizing a GGUF loses accuracy)")
+    elif format == "offload":
+        wtype = "nested"
+        if weight_type not in (None, "nested"):
+            raise EdgeError("offload bundles always hold nested 2..8-bit experts; omit --type")
+        if src.kind != "hf":
+            raise EdgeError("offload bundles are built from Hugging Face checkpoints (they need tokenizer.json)")
     else:
         wtype = weight_type or "f32"
         if wtype not in ("f32", "f16"):
@@ -45,6 +52,14 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
     def populate(tmp: Path) -> dict:
         if format == "gguf":
             return _populate_gguf(src, tmp, wtype, threads, say)
+        if format == "offload":
+            from edge.formats.hf import load_weights
+            from edge.moe.build import populate_offload
+
+            say("reading checkpoint")
+            bos, eos = hf_special_ids(src.path)
+            return populate_offload(load_weights(src.path), hf_tokenizer_file(src.path), tmp, say, eos, bos,
+                                    src.name, str(src.path.resolve()))
         return _populate_edge(src, tmp, wtype, say)
 
     return write_bundle(Path(out), force=force, populate=populate, progress=say)

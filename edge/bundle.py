@@ -33,7 +33,7 @@ class FileEntry(BaseModel):
     path: str
     size_bytes: int
     sha256: str
-    role: Literal["weights", "tokenizer"]
+    role: Literal["weights", "tokenizer", "experts"]
 
 
 class TokenizerInfo(BaseModel):
@@ -48,7 +48,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     schema_version: int
     name: str
-    format: Literal["gguf", "edge"]
+    format: Literal["gguf", "edge", "offload"]
     weight_type: str  # gguf: f32/f16/q8_0/...; edge: f32/f16
     spec: ModelSpec
     tokenizer: TokenizerInfo
@@ -56,6 +56,8 @@ class Manifest(BaseModel):
     tool: str
     created_unix: int
     source: str
+    experts: dict | None = None  # offload bundles: the expert store's index (edge/moe/store.py)
+    locality: dict | None = None  # offload bundles: SCH curves and hotness from a calibration trace
 
     def weights_file(self) -> FileEntry:
         return next(f for f in self.files if f.role == "weights")
@@ -95,7 +97,8 @@ def _stamp_path(bundle: Path) -> Path:
 
 def verify_bundle(bundle: Path, manifest: Manifest, *, full: bool = False,
                   progress: Progress | None = None) -> None:
-    """Sizes always; hashes for files not yet verified in their current (size, mtime) or when full."""
+    """Sizes always; hashes for files not yet verified in their current (size, mtime) or when full.
+    An expert store is hashed only when full: its records are checked one by one as they are read."""
     stamp_file = _stamp_path(bundle)
     try:
         stamps = json.loads(stamp_file.read_text())
@@ -110,6 +113,8 @@ def verify_bundle(bundle: Path, manifest: Manifest, *, full: bool = False,
             raise BundleError(
                 f"bundle file {entry.path} is {st.st_size:,} bytes; the manifest says {entry.size_bytes:,}")
         seen = [st.st_size, st.st_mtime_ns, entry.sha256]
+        if entry.role == "experts" and not full:
+            continue  # every record carries its own checksums, checked as it is read (edge/moe/store.py)
         if full or stamps.get(entry.path) != seen:
             if progress:
                 progress(f"verifying {entry.path}")

@@ -86,10 +86,11 @@ def build(model: Optional[str] = ModelArg,
               f"{len(manifest.files)} files, {format_bytes(size)}")
 
 
-def _load(model, backend, n_ctx, threads, verify):
+def _load(model, backend, n_ctx, threads, verify, budget=None, options=None):
     from edge.sdk import load
 
-    return load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, verify=verify)
+    return load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, verify=verify, memory_budget=budget,
+                offload=options)
 
 
 @app.command()
@@ -105,9 +106,19 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
         stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
         n_ctx: int = typer.Option(2048, "--ctx", help="Context length."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
-        verify: bool = typer.Option(False, "--verify", help="Re-hash every bundle file before loading.")) -> None:
+        verify: bool = typer.Option(False, "--verify", help="Re-hash every bundle file before loading."),
+        memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload bundles: the whole process stays under this (e.g. 300MB)."),
+        policy: str = typer.Option("locality", "--policy", help="Offload: expert cache policy (lru, lfu, locality)."),
+        bits: int = typer.Option(4, "--bits", help="Offload: bits of the hottest experts (2..4)."),
+        min_bits: int = typer.Option(2, "--min-bits", help="Offload: bits of the coldest experts (HEBF)."),
+        pin_bits: bool = typer.Option(False, "--pin-bits", help="Offload: every expert at --bits, no downgrading."),
+        prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Offload: load the next layer's experts ahead."),
+        metrics: bool = typer.Option(False, "--metrics", help="Print the engine's telemetry as JSON on stderr at the end.")) -> None:
     """Complete one prompt and print prompt + completion."""
-    with _load(model, backend, n_ctx, threads, verify) as m:
+    from edge.sdk import OffloadOptions
+
+    options = OffloadOptions(policy=policy, bits=bits, min_bits=min_bits, pin_bits=pin_bits, prefetch=prefetch)
+    with _load(model, backend, n_ctx, threads, verify, memory_budget, options) as m:
         kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         out.print(prompt, end="", markup=False)
         if stream:
@@ -117,6 +128,8 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
         else:
             out.print(m.create_completion(prompt, **kw)["choices"][0]["text"], end="", markup=False)
         out.print()
+        if metrics:
+            err.print_json(json.dumps(m.metrics()))
 
 
 @app.command()

@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,40 @@ from edge.runtime.generate import Backend, Generation, SamplingParams, Session
 from edge.runtime.tokenizer import HFTokenizer, LlamaCppTokenizer, Tokenizer
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, resolve
 from edge.spec import ModelSpec
+from edge.units import parse_bytes
 
-BACKENDS = ("auto", "reference", "llamacpp")
+BACKENDS = ("auto", "reference", "llamacpp", "offload")
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How the offload engine spends its memory budget (see docs/offload.md)."""
+
+    policy: str = "locality"  # expert cache eviction: lru, lfu or locality
+    bits: int = 4  # bits of the hottest experts (2..4)
+    min_bits: int = 2  # bits of the coldest experts under HEBF
+    pin_bits: bool = False  # every expert at `bits`: no downgrading of cold experts
+    prefetch: bool = True  # load the next layer's predicted experts while this layer computes
+    io_mode: str = "auto"  # direct (O_DIRECT), buffered (+ FADV_DONTNEED) or auto
+
+    def __post_init__(self) -> None:
+        from edge.moe.cache import POLICIES
+
+        if self.policy not in POLICIES:
+            raise EdgeError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 2 <= self.min_bits <= self.bits <= 4:
+            raise EdgeError(f"offload bits must satisfy 2 <= --min-bits <= --bits <= 4, got {self.min_bits} and {self.bits}")
+        if self.io_mode not in ("auto", "direct", "buffered"):
+            raise EdgeError(f"unknown I/O mode {self.io_mode!r}; choose auto, direct or buffered")
+
+
+def parse_budget(budget: int | str | None) -> int | None:
+    if budget is None or isinstance(budget, int):
+        return budget
+    try:
+        return parse_bytes(budget)
+    except ValueError as e:
+        raise EdgeError(f"memory budget: {e}") from None
 
 
 class Model:
@@ -38,6 +71,14 @@ class Model:
     @property
     def backend_name(self) -> str:
         return self.backend.name
+
+    def metrics(self) -> dict[str, Any]:
+        """Telemetry of the engine: speed, memory, and for the offload engine cache and I/O counters."""
+        if hasattr(self.backend, "metrics"):
+            return self.backend.metrics()
+        import psutil
+
+        return {"engine": self.backend.name, "resident_bytes": psutil.Process().memory_info().rss}
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -99,12 +140,15 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int = 2048,
-         n_threads: int | None = None, verify: bool = False) -> Model:
+         n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
+         offload: OffloadOptions | None = None) -> Model:
     """Load a model for generation.
 
     ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
-    None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp and
-    everything else on the reference engine; ``verify=True`` re-hashes every bundle file.
+    None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp, offload
+    bundles on the offload engine and everything else on the reference engine; ``verify=True``
+    re-hashes every bundle file. ``memory_budget`` (bytes or "300MB") bounds the whole process's
+    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions).
 
     >>> import edge
     >>> m = edge.load()
@@ -114,9 +158,13 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     """
     if backend not in BACKENDS:
         raise EdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    budget = parse_budget(memory_budget)
     src = resolve(model)
     if src.kind == "bundle":
-        return _load_bundle(src, backend, n_ctx, n_threads, verify)
+        return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload or OffloadOptions())
+    if budget is not None:
+        raise EdgeError("--memory-budget runs offload bundles; make one with "
+                        "`edge build MODEL --format offload -o DIR`")
     if src.kind == "gguf":
         return _load_gguf(src.path, src.name, backend, n_ctx, n_threads, eos=())
     if backend == "llamacpp":
@@ -161,12 +209,24 @@ def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int |
     return Model(name=name, spec=spec, backend=be, tokenizer=tok, source=path)
 
 
-def _load_bundle(src: Source, backend: str, n_ctx: int, n_threads: int | None, verify: bool) -> Model:
+def _load_bundle(src: Source, backend: str, n_ctx: int, n_threads: int | None, verify: bool,
+                 budget: int | None, options: OffloadOptions) -> Model:
     from edge.bundle import read_manifest, verify_bundle
 
     manifest = read_manifest(src.path)
     verify_bundle(src.path, manifest, full=verify)
     weights_path = src.path / manifest.weights_file().path
+    if manifest.format == "offload":
+        if backend not in ("auto", "offload"):
+            raise EdgeError(f"{src.path} is an offload bundle; it runs on the offload engine only")
+        from edge.moe.runtime import open_offload
+
+        engine = open_offload(src.path, manifest, budget=budget, options=options, n_ctx=n_ctx,
+                              threads=n_threads or 0)
+        tok = HFTokenizer(src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
+        return Model(name=manifest.name, spec=manifest.spec, backend=engine, tokenizer=tok, source=src.path)
+    if budget is not None:
+        raise EdgeError(f"{src.path} is a {manifest.format} bundle; --memory-budget runs offload bundles")
     if manifest.format == "gguf":
         if backend == "auto":
             backend = "llamacpp"

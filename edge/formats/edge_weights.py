@@ -15,7 +15,12 @@ from edge.spec import ModelSpec
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
-def save(weights: ModelWeights, path: Path, dtype: str = "f32") -> None:
+EXPERT_FIELDS = ("gate", "up", "down")  # routed experts: absent from dense-only files
+
+
+def save(weights: ModelWeights, path: Path, dtype: str = "f32", *, experts: bool = True) -> None:
+    """Write canonical weights; ``experts=False`` leaves the routed experts out (they live in the
+    expert store of an offload bundle)."""
     from safetensors.numpy import save_file
 
     dt = DTYPES[dtype]
@@ -29,23 +34,27 @@ def save(weights: ModelWeights, path: Path, dtype: str = "f32") -> None:
     for i, lw in enumerate(weights.layers):
         for f in fields(LayerWeights):
             a = getattr(lw, f.name)
-            if a is not None:
+            if a is not None and (experts or f.name not in EXPERT_FIELDS):
                 keep = f.name in ("router", "shared_router")
                 tensors[f"layers.{i}.{f.name}"] = np.ascontiguousarray(a, np.float32) if keep else cast(a)
     save_file(tensors, str(path))
 
 
-def load(path: Path, spec: ModelSpec) -> ModelWeights:
+def load(path: Path, spec: ModelSpec, *, experts: bool = True) -> ModelWeights:
+    """Canonical weights back (float32 tensors memory-mapped, not copied). With ``experts=False``
+    the routed-expert fields are empty arrays: those weights come from the expert store."""
     infos = st.read_header(path)
 
     def get(name: str) -> np.ndarray | None:
-        return st.load(infos[name]) if name in infos else None
+        return st.load(infos[name], copy=False) if name in infos else None
 
     if "embed" not in infos:
         raise BundleError(f"{path.name} is not an edge weight file (no 'embed' tensor)")
     layers = []
     for i in range(spec.n_layers):
         kw = {f.name: get(f"layers.{i}.{f.name}") for f in fields(LayerWeights)}
+        if not experts:
+            kw.update({name: np.empty((0,), np.float32) for name in EXPERT_FIELDS})
         missing = [k for k, f in zip(kw, fields(LayerWeights)) if kw[k] is None and f.default is not None]
         if missing:
             raise BundleError(f"{path.name} lacks layers.{i}.{missing[0]}")

@@ -72,10 +72,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def load(info: TensorInfo, dtype=np.float32) -> np.ndarray:
-    """Map one tensor and convert it to ``dtype`` (BF16 widened exactly to float32)."""
+def load(info: TensorInfo, dtype=np.float32, *, copy: bool = True) -> np.ndarray:
+    """Map one tensor and convert it to ``dtype`` (BF16 widened exactly to float32). With
+    ``copy=False`` a tensor already of ``dtype`` is returned as a read-only memory map."""
     mm = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.nbytes,))
     raw = mm.view(_DTYPES[info.dtype]).reshape(info.shape)
+    if not copy and raw.dtype == dtype:
+        return raw
     if info.dtype == "BF16":
         out = (raw.astype(np.uint32) << 16).view(np.float32)
         return out if dtype == np.float32 else out.astype(dtype)

@@ -69,19 +69,51 @@ def row_bytes(gtype: int, n: int) -> int:
     return n // blk * nbytes
 
 
-class Weight:
-    """A 2-D ggml tensor [rows, cols] whose bytes live in a numpy buffer owned by this object."""
+_DATA_OFFSET: list[int] = []  # offset of ggml_tensor.data, verified against ggml_get_data
 
-    def __init__(self, gtype: int, rows: int, cols: int):
+
+def _data_offset() -> int:
+    """Where ``data`` sits in struct ggml_tensor (248 in ggml.h of this era), checked on a real
+    tensor so a layout change is caught instead of corrupting memory."""
+    if not _DATA_OFFSET:
+        base, _ = _load()
+        mem = np.empty(base.ggml_tensor_overhead() + 1024, dtype=np.uint8)
+        ctx = base.ggml_init(_InitParams(mem.nbytes, mem.ctypes.data, False))
+        t = base.ggml_new_tensor_1d(ctx, F32, 16)
+        want = base.ggml_get_data(t)
+        for off in (248, *range(0, 512, 8)):
+            if ctypes.c_void_p.from_address(t + off).value == want:
+                _DATA_OFFSET.append(off)
+                break
+        base.ggml_free(ctx)
+        if not _DATA_OFFSET:
+            raise RuntimeError("cannot locate ggml_tensor.data in this ggml build")
+    return _DATA_OFFSET[0]
+
+
+class Weight:
+    """A 2-D ggml tensor [rows, cols] whose bytes live in a numpy buffer: its own, or a slice of
+    ``buffer`` (so several tensors can share one contiguous block, e.g. an expert's three matrices)."""
+
+    def __init__(self, gtype: int, rows: int, cols: int, buffer: np.ndarray | None = None):
         base, _ = _load()
         self.gtype, self.rows, self.cols = gtype, rows, cols
         self.nbytes = row_bytes(gtype, cols) * rows
         overhead = base.ggml_tensor_overhead() + 256
-        self._mem = np.empty(self.nbytes + overhead, dtype=np.uint8)
-        self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, False))
-        self.tensor = base.ggml_new_tensor_2d(self._ctx, gtype, cols, rows)
-        ptr = base.ggml_get_data(self.tensor)
-        self.data = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(self.nbytes,))
+        if buffer is None:
+            self._mem = np.empty(self.nbytes + overhead, dtype=np.uint8)
+            self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, False))
+            self.tensor = base.ggml_new_tensor_2d(self._ctx, gtype, cols, rows)
+            ptr = base.ggml_get_data(self.tensor)
+            self.data = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(self.nbytes,))
+        else:
+            if buffer.nbytes < self.nbytes or not buffer.flags.c_contiguous:
+                raise ValueError(f"buffer of {buffer.nbytes} bytes cannot hold {self.nbytes}")
+            self._mem = np.empty(overhead, dtype=np.uint8)  # tensor header only
+            self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, True))
+            self.tensor = base.ggml_new_tensor_2d(self._ctx, gtype, cols, rows)
+            self.data = buffer[: self.nbytes]
+            ctypes.c_void_p.from_address(self.tensor + _data_offset()).value = self.data.ctypes.data
 
     @classmethod
     def quantized(cls, w: np.ndarray, gtype: int = Q8_0) -> "Weight":

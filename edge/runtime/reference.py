@@ -34,6 +34,40 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """RoPE frequencies as transformers computes them, in float32 (rotate-half layout)."""
+    half = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    return (1.0 / (np.float32(theta) ** half)).astype(np.float32)
+
+
+def rope_tables(inv_freq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [T, 1, Dh] for positions pos [T]."""
+    freqs = pos.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [T, heads, Dh] rotated in the rotate-half layout."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+    """Causal grouped-query attention. q [T, H, Dh] at positions start.., keys/values [G, S, Dh]
+    (S = start + T) -> [T, H * Dh]."""
+    T, H, Dh = q.shape
+    G, S = keys.shape[0], keys.shape[1]
+    qg = q.transpose(1, 0, 2).reshape(G, H // G, T, Dh)
+    scores = qg @ keys[:, None].transpose(0, 1, 3, 2) / np.float32(np.sqrt(Dh))  # [G, H/G, T, S]
+    if T > 1:
+        causal = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # [T, S]
+        scores = np.where(causal, np.float32(-np.inf), scores)
+    out = softmax(scores) @ values[:, None]  # [G, H/G, T, Dh]
+    return out.reshape(H, T, Dh).transpose(1, 0, 2).reshape(T, H * Dh)
+
+
 def route(x: np.ndarray, router: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over the router logits, keep the top k. x [T, D] -> ids [T, K], weights [T, K]."""
     probs = softmax(x @ router.T)  # [T, E]
@@ -65,9 +99,7 @@ class ReferenceEngine:
         self._k = np.zeros(shape, dtype=np.float32)
         self._v = np.zeros(shape, dtype=np.float32)
         self.n_past = 0
-        # RoPE as transformers computes it, in float32 (rotate-half layout).
-        half = np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32) / s.head_dim
-        self._inv_freq = (1.0 / (np.float32(s.rope_theta) ** half)).astype(np.float32)
+        self._inv_freq = rope_inv_freq(s.head_dim, s.rope_theta)
         self.route_observers: list[RouteObserver] = []
 
     # -- Backend protocol -------------------------------------------------------------------
@@ -82,7 +114,7 @@ class ReferenceEngine:
             raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
         x = self.w.embed[ids]  # [T, D]
         pos = np.arange(self.n_past, self.n_past + len(ids))
-        cos, sin = self._rope(pos)
+        cos, sin = rope_tables(self._inv_freq, pos)
         for i, layer in enumerate(self.w.layers):
             x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.spec.rms_norm_eps), cos, sin)
             x = x + self._moe(i, layer, rms_norm(x, layer.ffn_norm, self.spec.rms_norm_eps))
@@ -99,17 +131,6 @@ class ReferenceEngine:
         self._k = self._v = np.zeros((0,), dtype=np.float32)
 
     # -- layers -----------------------------------------------------------------------------
-    def _rope(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        freqs = pos.astype(np.float32)[:, None] * self._inv_freq[None, :]  # [T, Dh/2]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        return np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]  # [T, 1, Dh]
-
-    @staticmethod
-    def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        half = x.shape[-1] // 2
-        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
-
     def _attention(self, i: int, lw: LayerWeights, x: np.ndarray, cos, sin) -> np.ndarray:
         s = self.spec
         T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
@@ -119,19 +140,11 @@ class ReferenceEngine:
         q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start, end = self.n_past, self.n_past + T
         self._k[i, :, start:end] = k.transpose(1, 0, 2)
         self._v[i, :, start:end] = v.transpose(1, 0, 2)
-        keys, values = self._k[i, :, :end], self._v[i, :, :end]  # [G, S, Dh]
-        qg = q.transpose(1, 0, 2).reshape(G, H // G, T, Dh)
-        scores = qg @ keys[:, None].transpose(0, 1, 3, 2) / np.float32(np.sqrt(Dh))  # [G, H/G, T, S]
-        if T > 1:
-            causal = np.arange(end)[None, :] > (start + np.arange(T))[:, None]  # [T, S]
-            scores = np.where(causal, np.float32(-np.inf), scores)
-        out = softmax(scores) @ values[:, None]  # [G, H/G, T, Dh]
-        out = out.reshape(H, T, Dh).transpose(1, 0, 2).reshape(T, H * Dh)
-        return out @ lw.wo.T
+        return attend(q, self._k[i, :, :end], self._v[i, :, :end], start) @ lw.wo.T
 
     def _moe(self, i: int, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
         ids, weights = route(x, lw.router, self.spec.top_k, self.spec.norm_topk_prob)

@@ -1,0 +1,61 @@
+"""One measured decode run, executed by bench/offload.py in a fresh process (inside a memory cap).
+
+    python bench/_decode_one.py SYSTEM PATH TOKENS THREADS [OFFLOAD-OPTIONS-JSON]
+
+SYSTEM: llamacpp (plain llama-cpp-python on a GGUF, default settings, mmap on) or edge (edge.load
+on a bundle). Prints one JSON line: prefill and decode timings, and edge's engine metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser("
+
+
+def main() -> None:
+    system, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    opts = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    t0 = time.perf_counter()
+    if system == "llamacpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(path, n_ctx=512, n_threads=threads, verbose=False)
+        prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
+
+        def step(tokens):
+            llm.eval(tokens)
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+        metrics = None
+    else:
+        import edge
+        from edge.sdk import OffloadOptions
+
+        budget = opts.pop("memory_budget", None)
+        m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, offload=OffloadOptions(**opts))
+        prompt = m.tokenize(PROMPT)
+        step = m.backend.eval
+    t1 = time.perf_counter()
+    logits = step(prompt)
+    t2 = time.perf_counter()
+    tokens = []
+    for _ in range(n):
+        tok = int(np.argmax(logits))
+        tokens.append(tok)
+        logits = step([tok])
+    t3 = time.perf_counter()
+    if system != "llamacpp":
+        metrics = m.metrics()
+        metrics.pop("per_layer", None)
+    print(json.dumps({"load_s": t1 - t0, "prefill_s": t2 - t1, "prompt_tokens": len(prompt),
+                      "decode_tok_s": n / (t3 - t2), "tokens": tokens, "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    main()

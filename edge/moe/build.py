@@ -1,0 +1,68 @@
+"""Offload bundles: dense weights, the nested-bit expert store, and the model's measured locality."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edge.bundle import Progress, TokenizerInfo
+from edge.data.corpus import EOT, stdlib_corpus, token_stream
+from edge.formats import edge_weights
+from edge.moe.locality import sch
+from edge.moe.store import write_store
+from edge.moe.trace import record_trace
+from edge.quant.nested import NestedLayout, encode
+from edge.runtime.reference import ReferenceEngine
+from edge.runtime.tokenizer import HFTokenizer
+from edge.runtime.weights import ModelWeights
+
+CALIBRATION_TOKENS = 2048
+LOCALITY_WINDOW = 16  # SCH window for cache sizing: the horizon a decode-time cache lives in
+
+
+def calibration_tokens(tokenizer: HFTokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
+    """The first n tokens of the stdlib training split: real text every machine has."""
+    texts = stdlib_corpus().train_texts()[:40]
+    eot = tokenizer.encode(EOT)
+    return token_stream(tokenizer.encode, texts, eot[0] if len(eot) == 1 else 0)[:n]
+
+
+def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOCALITY_WINDOW) -> dict:
+    """Route calibration text through the reference engine; keep per-layer SCH curves and hotness."""
+    trace = record_trace(ReferenceEngine(weights, n_ctx=512), tokens, window=512)
+    E = weights.spec.n_experts
+    curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(trace.n_layers)]
+    return {"window": window, "tokens": trace.n_tokens, "sch": curves,
+            "hotness": trace.hotness().round(5).tolist()}
+
+
+def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say: Progress,
+                     eos: tuple[int, ...], bos: int | None, name: str, source: str) -> dict:
+    s = weights.spec
+    F, D = s.expert_ffn_size, s.hidden_size
+    layout = NestedLayout(((F, D), (F, D), (D, F)))
+    say("measuring routing locality on calibration text")
+    locality = measure_locality(weights, calibration_tokens(HFTokenizer(tokenizer_json)))
+    say("writing dense weights")
+    edge_weights.save(weights, tmp / "dense.safetensors", "f32", experts=False)
+
+    def records():
+        for lw in weights.layers:
+            for e in range(s.n_experts):
+                yield encode([np.asarray(lw.gate[e]), np.asarray(lw.up[e]), np.asarray(lw.down[e])])
+
+    total = s.n_layers * s.n_experts
+    index = write_store(tmp / "experts.bin", layout, s.n_layers, s.n_experts, records(),
+                        progress=lambda i: say(f"quantizing experts {i}/{total}"))
+    shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    from dataclasses import replace
+
+    spec = replace(s, expert_bytes=index.file_bytes, weight_dtype="NESTED2-8", source_format="edge")
+    return {
+        "name": name, "format": "offload", "weight_type": "nested-2..8", "source": source, "spec": spec,
+        "tokenizer": TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos),
+        "experts": index.to_dict(), "locality": locality,
+        "roles": {"dense.safetensors": "weights", "experts.bin": "experts", "tokenizer.json": "tokenizer"},
+    }

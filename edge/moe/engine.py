@@ -1,0 +1,329 @@
+"""The offload engine: dense weights resident, experts streamed from the expert store into a
+per-layer cache, prefetched one layer ahead, served at the bits HEBF assigns.
+
+Dense matrices and experts run on ggml's kernels (Q8_0 and Q4_1, edge/runtime/ggml.py;
+docs/kernels.md says why); norms, RoPE, attention scores and routing stay in numpy.
+Shapes: T tokens, D hidden, H heads, G kv heads, Dh head dim, E experts, K active.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.moe.cache import Policy
+from edge.moe.store import ExpertStore, aligned_buffer
+from edge.quant.nested import to_q4_1
+from edge.runtime import ggml
+from edge.runtime.reference import apply_rope, attend, rms_norm, rope_inv_freq, rope_tables, route
+from edge.runtime.weights import ModelWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0  # hits on experts that the prefetcher brought in
+    prefetched: int = 0
+
+
+@dataclass
+class Telemetry:
+    """Counters the engine updates; ``snapshot()`` turns them into a plain dict for UIs."""
+
+    layers: list[LayerStats]
+    bytes_read: int = 0
+    io_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    bits_served: dict[int, int] = field(default_factory=dict)
+    tokens: int = 0
+    decode_seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+
+class LayerCache:
+    """C expert slots of one layer, each holding an expert's three matrices as Q4_1 tensors."""
+
+    def __init__(self, capacity: int, shapes, policy: Policy):
+        self.capacity, self.policy = capacity, policy
+        self.slot_bytes = sum(ggml.row_bytes(ggml.Q4_1, c) * r for r, c in shapes)
+        self.buffers: list[np.ndarray] = []
+        self.weights: list[list[ggml.Weight]] = []
+        for _ in range(capacity):
+            buf = np.empty(self.slot_bytes, dtype=np.uint8)
+            ws, at = [], 0
+            for r, c in shapes:
+                w = ggml.Weight(ggml.Q4_1, r, c, buffer=buf[at:])
+                ws.append(w)
+                at += w.nbytes
+            self.buffers.append(buf)
+            self.weights.append(ws)
+        self.slot_of: dict[int, int] = {}  # expert -> slot
+        self.bits_of: dict[int, int] = {}
+        self.from_prefetch: set[int] = set()
+        self.free = list(range(capacity))
+
+    def take_slot(self, protect: set[int]) -> int:
+        if self.free:
+            return self.free.pop()
+        candidates = [e for e in self.slot_of if e not in protect]
+        if not candidates:
+            raise RuntimeError("every slot is protected")
+        victim = self.policy.victim(candidates)
+        slot = self.slot_of.pop(victim)
+        self.bits_of.pop(victim, None)
+        self.from_prefetch.discard(victim)
+        return slot
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    slots: tuple[int, ...]  # cache capacity per layer
+    bits: np.ndarray  # [L, E] bits each expert is loaded at
+    policy: str = "locality"
+    prefetch: bool = True
+    threads: int = 0  # 0: all cores
+    io_mode: str = "auto"
+
+
+class OffloadEngine:
+    """Backend protocol implementation (eval / truncate / close) over an expert store."""
+
+    name = "offload"
+
+    def __init__(self, dense: ModelWeights, store: ExpertStore, config: OffloadConfig, *, n_ctx: int = 2048):
+        s = dense.spec
+        self.spec, self.store, self.config = s, store, config
+        self.threads = config.threads or os.cpu_count() or 1
+        self.n_ctx = min(n_ctx, s.context_length)
+        self.n_vocab = s.vocab_size
+        self.n_past = 0
+        self.route_observers: list = []
+        self._inv_freq = rope_inv_freq(s.head_dim, s.rope_theta)
+        q8 = ggml.Q8_0
+        self.embed = dense.embed.astype(np.float16)
+        self.norm = dense.norm
+        self.lm_head = ggml.Weight.quantized(dense.lm_head, q8)
+        self.layers = []
+        for lw in dense.layers:
+            self.layers.append({
+                "attn_norm": lw.attn_norm, "ffn_norm": lw.ffn_norm, "router": lw.router.astype(np.float32),
+                "wq": ggml.Weight.quantized(lw.wq, q8), "wk": ggml.Weight.quantized(lw.wk, q8),
+                "wv": ggml.Weight.quantized(lw.wv, q8), "wo": ggml.Weight.quantized(lw.wo, q8),
+                "bq": lw.bq, "bk": lw.bk, "bv": lw.bv, "q_norm": lw.q_norm, "k_norm": lw.k_norm,
+                "shared": None if lw.shared_gate is None else (
+                    ggml.Weight.quantized(lw.shared_gate, q8), ggml.Weight.quantized(lw.shared_up, q8),
+                    ggml.Weight.quantized(lw.shared_down, q8), lw.shared_router.astype(np.float32)),
+            })
+        shape = (s.n_layers, s.n_kv_heads, self.n_ctx, s.head_dim)
+        self._k = np.zeros(shape, dtype=np.float32)
+        self._v = np.zeros(shape, dtype=np.float32)
+        self.telemetry = Telemetry(layers=[LayerStats() for _ in range(s.n_layers)])
+        max_read = store.read_bytes(4)  # the most a Q4_1-served expert reads
+        self._stage = {"main": aligned_buffer(max_read), "io": aligned_buffer(max_read)}
+        self._graph_mem = np.empty(16 << 20, dtype=np.uint8)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self.budget_bytes: int | None = None
+        self.fixed_bytes = 0
+        self.caches: list[LayerCache] = []
+        self.set_cache(config.slots, config.bits)
+
+    def set_cache(self, slots: Sequence[int], bits: np.ndarray) -> None:
+        """(Re)build the expert caches: ``slots`` per layer, experts loaded at ``bits`` [L, E]."""
+        for fut in list(self._pending.values()):
+            fut.result()
+        self._pending.clear()
+        if len(slots) != self.spec.n_layers or np.asarray(bits).shape != (self.spec.n_layers, self.spec.n_experts):
+            raise ValueError("slots and bits must cover every layer (and expert)")
+        self.config = replace(self.config, slots=tuple(int(c) for c in slots), bits=np.asarray(bits))
+        self.caches = []  # free the old slots before allocating the new ones
+        shapes = self.store.index.layout.shapes
+        self.caches = [LayerCache(c, shapes, Policy(self.config.policy, self.spec.n_experts)) for c in slots]
+
+    # -- memory ---------------------------------------------------------------------------
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.slot_bytes * c.capacity for c in self.caches)
+
+    # -- expert loading ---------------------------------------------------------------------
+    def _load(self, layer: int, expert: int, protect: set[int], who: str) -> None:
+        cache = self.caches[layer]
+        bits = int(self.config.bits[layer, expert])
+        t0 = time.perf_counter()
+        raw = self.store.read(layer, expert, bits, self._stage[who])
+        t1 = time.perf_counter()
+        slot = cache.take_slot(protect)
+        to_q4_1(raw, self.store.index.layout, bits, out=cache.buffers[slot])
+        cache.slot_of[expert] = slot
+        cache.bits_of[expert] = bits
+        with self._lock:
+            self.telemetry.bytes_read += raw.nbytes
+            self.telemetry.io_seconds += t1 - t0
+
+    def _prefetch(self, layer: int, experts: list[int]) -> None:
+        cache = self.caches[layer]
+        want = set(experts[: cache.capacity])
+        for e in experts[: cache.capacity]:
+            if e not in cache.slot_of:
+                self._load(layer, e, want, "io")
+                cache.from_prefetch.add(e)
+                self.telemetry.layers[layer].prefetched += 1
+
+    def _schedule_prefetch(self, layer: int, h: np.ndarray) -> None:
+        """Guess layer ``layer``'s experts from its router applied to the current hidden state."""
+        if self._pool is None or layer >= self.spec.n_layers or layer in self._pending:
+            return
+        lw = self.layers[layer]
+        probs = rms_norm(h, lw["ffn_norm"], self.spec.rms_norm_eps) @ lw["router"].T  # [T, E]
+        ranked = np.argsort(-probs.max(axis=0), kind="stable")  # best score over the batch
+        guess = [int(e) for e in ranked[: self.spec.top_k]] if h.shape[0] == 1 else \
+            [int(e) for e in ranked[: self.caches[layer].capacity]]
+        self._pending[layer] = self._pool.submit(self._prefetch, layer, guess)
+
+    def _wait(self, layer: int) -> None:
+        fut = self._pending.pop(layer, None)
+        if fut is not None:
+            t0 = time.perf_counter()
+            fut.result()
+            self.telemetry.stall_seconds += time.perf_counter() - t0
+
+    # -- forward ------------------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError("eval needs at least one token")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
+        t_start = time.perf_counter()
+        s = self.spec
+        x = self.embed[ids].astype(np.float32)  # [T, D]
+        cos, sin = rope_tables(self._inv_freq, np.arange(self.n_past, self.n_past + len(ids)))
+        self._schedule_prefetch(0, x)
+        for i, lw in enumerate(self.layers):
+            x = x + self._attention(i, lw, rms_norm(x, lw["attn_norm"], s.rms_norm_eps), cos, sin)
+            self._schedule_prefetch(i + 1, x)
+            x = x + self._moe(i, lw, rms_norm(x, lw["ffn_norm"], s.rms_norm_eps))
+        self.n_past += len(ids)
+        h = rms_norm(x if all_logits else x[-1:], self.norm, s.rms_norm_eps)
+        g = ggml.Graph(buffer=self._graph_mem)
+        logits = g.compute([g.matmul(self.lm_head, g.input(h))], self.threads)[0]
+        dt = time.perf_counter() - t_start
+        tel = self.telemetry
+        if tel.first_token_seconds is None:
+            tel.first_token_seconds = dt
+        if len(ids) == 1:
+            tel.tokens += 1
+            tel.decode_seconds += dt
+        return logits if all_logits else logits[0]
+
+    def _attention(self, i: int, lw: dict, x: np.ndarray, cos, sin) -> np.ndarray:
+        s = self.spec
+        T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
+        g = ggml.Graph(buffer=self._graph_mem)
+        xi = g.input(x)
+        q, k, v = g.compute([g.matmul(lw["wq"], xi), g.matmul(lw["wk"], xi), g.matmul(lw["wv"], xi)], self.threads)
+        if lw["bq"] is not None:
+            q, k, v = q + lw["bq"], k + lw["bk"], v + lw["bv"]
+        q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
+        if lw["q_norm"] is not None:
+            q, k = rms_norm(q, lw["q_norm"], s.rms_norm_eps), rms_norm(k, lw["k_norm"], s.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start, end = self.n_past, self.n_past + T
+        self._k[i, :, start:end] = k.transpose(1, 0, 2)
+        self._v[i, :, start:end] = v.transpose(1, 0, 2)
+        att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
+        g = ggml.Graph(buffer=self._graph_mem)
+        return g.compute([g.matmul(lw["wo"], g.input(att))], self.threads)[0]
+
+    def _moe(self, i: int, lw: dict, x: np.ndarray) -> np.ndarray:
+        s = self.spec
+        ids, weights = route(x, lw["router"], s.top_k, s.norm_topk_prob)
+        for observe in self.route_observers:
+            observe(i, ids, weights)
+        cache, stats = self.caches[i], self.telemetry.layers[i]
+        for t in range(ids.shape[0]):
+            cache.policy.on_token(tuple(int(e) for e in ids[t]))
+        self._wait(i)
+        needed = [int(e) for e in dict.fromkeys(ids.ravel().tolist())]
+        out = np.zeros_like(x)
+        for start in range(0, len(needed), cache.capacity):  # prefill may need more than fit
+            group = needed[start : start + cache.capacity]
+            protect = set(group)
+            for e in group:
+                if e in cache.slot_of:
+                    stats.hits += 1
+                    if e in cache.from_prefetch:
+                        stats.prefetch_hits += 1
+                        cache.from_prefetch.discard(e)
+                else:
+                    stats.misses += 1
+                    t0 = time.perf_counter()
+                    self._load(i, e, protect, "main")
+                    self.telemetry.stall_seconds += time.perf_counter() - t0
+                b = cache.bits_of[e]
+                self.telemetry.bits_served[b] = self.telemetry.bits_served.get(b, 0) + 1
+            g = ggml.Graph(buffer=self._graph_mem)
+            outputs, rows_of = [], []
+            for e in group:
+                rows, slot_k = np.nonzero(ids == e)
+                wg, wu, wd = cache.weights[cache.slot_of[e]]
+                xe = g.input(x[rows])
+                outputs.append(g.matmul(wd, g.swiglu(g.matmul(wg, xe), g.matmul(wu, xe))))
+                rows_of.append((rows, slot_k))
+            for y, (rows, slot_k) in zip(g.compute(outputs, self.threads), rows_of):
+                out[rows] += y * weights[rows, slot_k][:, None]
+        if lw["shared"] is not None:
+            sg, su, sd, sr = lw["shared"]
+            g = ggml.Graph(buffer=self._graph_mem)
+            xi = g.input(x)
+            y = g.compute([g.matmul(sd, g.swiglu(g.matmul(sg, xi), g.matmul(su, xi)))], self.threads)[0]
+            out += y / (1.0 + np.exp(-(x @ sr.T)))
+        return out
+
+    def truncate(self, n: int) -> None:
+        self.n_past = max(0, min(n, self.n_past))
+
+    def metrics(self) -> dict:
+        """A snapshot for the CLI, server and monitor: speed, memory, cache and I/O counters."""
+        import psutil
+
+        t = self.telemetry
+        hits = sum(x.hits for x in t.layers)
+        misses = sum(x.misses for x in t.layers)
+        return {
+            "engine": self.name,
+            "tokens_decoded": t.tokens,
+            "decode_tokens_per_s": t.tokens / t.decode_seconds if t.decode_seconds else None,
+            "time_to_first_token_s": t.first_token_seconds,
+            "resident_bytes": psutil.Process().memory_info().rss,
+            "memory_budget_bytes": self.budget_bytes,
+            "expert_cache_bytes": self.cache_bytes,
+            "cache_slots_per_layer": list(self.config.slots),
+            "cache_hits": hits, "cache_misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else None,
+            "per_layer": [asdict(x) for x in t.layers],
+            "bytes_read": t.bytes_read,
+            "ssd_mb_per_s": t.bytes_read / t.io_seconds / 1e6 if t.io_seconds else None,
+            "stall_seconds": t.stall_seconds,
+            "bits_histogram": dict(sorted(t.bits_served.items())),
+            "io_mode": self.store.mode,
+            "policy": self.config.policy,
+        }
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.store.close()

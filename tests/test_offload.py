@@ -1,0 +1,145 @@
+"""The offload engine on the default model: correctness, budgets, corruption, telemetry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge
+from edge.errors import BundleError
+from edge.sdk import OffloadOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("off") / "bundle"
+    edge.build(None, out, format="offload")
+    return out
+
+
+def _greedy(model, prompt: str, n: int) -> list[int]:
+    be = model.backend
+    be.truncate(0)
+    logits = be.eval(model.tokenize(prompt))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = be.eval([out[-1]])
+    return out
+
+
+def test_offload_bundle_layout(bundle):
+    from edge.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    assert m.format == "offload"
+    assert {f.role for f in m.files} == {"weights", "experts", "tokenizer"}
+    assert len(m.experts["crc32"]) == 4 * 8 and len(m.experts["crc32"][0]) == 7  # sections for 2..8 bits
+    assert m.experts["stride"] % 4096 == 0
+    assert len(m.locality["sch"]) == 4 and len(m.locality["sch"][0]) == 8
+
+
+def test_offload_engine_computes_the_model(bundle, default_dir):
+    """4-bit experts and Q8_0 dense weights: perplexity within 3% of the f32 reference."""
+    from edge.data.corpus import stdlib_corpus
+    from edge.formats.hf import load_weights
+    from edge.runtime.perplexity import perplexity
+    from edge.runtime.reference import ReferenceEngine
+
+    with edge.load(bundle, offload=OffloadOptions(pin_bits=True)) as m:
+        ids = m.tokenize(stdlib_corpus().heldout_texts()[3])[: 4 * 128 + 1]
+
+        def offload_logits(chunk):
+            m.backend.truncate(0)
+            return m.backend.eval(chunk, all_logits=True)
+
+        ours = perplexity(offload_logits, ids, window=128)
+    weights = load_weights(default_dir)
+    ref = perplexity(lambda c: ReferenceEngine(weights, n_ctx=256).eval(c, all_logits=True), ids, window=128)
+    assert abs(ours / ref - 1) < 0.03, (ours, ref)
+
+
+def test_small_cache_gives_the_same_tokens_as_a_full_one(bundle):
+    opts = OffloadOptions(pin_bits=True)
+    with edge.load(bundle, offload=opts) as full:
+        want = _greedy(full, "def fibonacci(", 40)
+        assert full.metrics()["cache_slots_per_layer"] == [8, 8, 8, 8]
+    with edge.load(bundle, offload=opts) as small:
+        small.backend.set_cache((2, 2, 2, 2), small.backend.config.bits)
+        got = _greedy(small, "def fibonacci(", 40)
+        met = small.metrics()
+    assert got == want
+    assert met["cache_misses"] > 0 and met["bytes_read"] > 0
+    assert met["bits_histogram"] == {4: met["cache_hits"] + met["cache_misses"]}
+
+
+def test_prefetch_and_policies_are_counted(bundle):
+    for policy in ("lru", "lfu", "locality"):
+        with edge.load(bundle, offload=OffloadOptions(policy=policy)) as m:
+            m.backend.set_cache((3, 3, 3, 3), m.backend.config.bits)
+            m.create_completion("import os\nimport sys\n", max_tokens=30, temperature=0)
+            met = m.metrics()
+        assert met["policy"] == policy
+        assert sum(x["prefetch_hits"] for x in met["per_layer"]) > 0
+        assert 0 < met["hit_rate"] < 1
+        assert met["decode_tokens_per_s"] > 0 and met["time_to_first_token_s"] > 0
+
+
+def test_hebf_serves_cold_experts_at_fewer_bits(bundle):
+    with edge.load(bundle) as m:
+        bits = m.backend.config.bits
+        m.backend.set_cache((3, 3, 3, 3), bits)
+        m.create_completion("class Queue:\n", max_tokens=30, temperature=0)
+        hist = m.metrics()["bits_histogram"]
+    assert bits.max() == 4 and bits.min() == 2
+    assert set(hist) > {4} and hist[4] > 0
+
+
+def test_impossible_budget_is_refused_with_numbers(bundle):
+    with pytest.raises(edge.EdgeError, match=r"memory budget .* too small: .* take .* need"):
+        edge.load(bundle, memory_budget="10MB")
+
+
+def test_corrupted_expert_record_is_refused_by_layer_and_expert(tmp_path, bundle):
+    from edge.bundle import read_manifest
+    from edge.moe.store import StoreIndex
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    index = StoreIndex.from_dict(read_manifest(b).experts)
+    path = b / "experts.bin"
+    data = bytearray(path.read_bytes())
+    data[index.offset(2, 5) + index.layout.header_bytes + 10] ^= 0x40  # inside the top-bits section
+    path.write_bytes(data)
+    with edge.load(b, offload=OffloadOptions(prefetch=False)) as m:
+        with pytest.raises(BundleError, match="layer 2 expert 5 is corrupted"):
+            for e in range(8):  # route every expert of layer 2 through the loader
+                m.backend._load(2, e, set(), "main")
+    with pytest.raises(BundleError, match="experts.bin fails its SHA-256 check"):
+        edge.load(b, verify=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroup memory limits need root")
+def test_runs_inside_a_cgroup_cap_equal_to_its_budget(bundle):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cgroup import MemoryCap
+
+    budget = 160 << 20
+    args = ["run", "def fibonacci(", "-m", str(bundle), "-n", "32", "-t", "0", "--pin-bits", "--no-stream"]
+    plain = subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    with MemoryCap(budget) as cap:
+        capped = cap.run([sys.executable, "-m", "edge.cli", *args, "--memory-budget", str(budget)],
+                         capture_output=True, text=True, timeout=300)
+        assert cap.oom_kills == 0
+        assert cap.peak_bytes <= budget
+    assert capped.returncode == 0, capped.stderr
+    assert capped.stdout == plain.stdout
