@@ -60,7 +60,7 @@ class LayerCache:
         self.buffers: list[np.ndarray] = []
         self.weights: list[list[ggml.Weight]] = []
         for _ in range(capacity):
-            buf = np.empty(self.slot_bytes, dtype=np.uint8)
+            buf = np.zeros(self.slot_bytes, dtype=np.uint8)
             ws, at = [], 0
             for r, c in shapes:
                 w = ggml.Weight(ggml.Q4_1, r, c, buffer=buf[at:])
@@ -126,12 +126,16 @@ class OffloadEngine:
                     ggml.Weight.quantized(lw.shared_down, q8), lw.shared_router.astype(np.float32)),
             })
         shape = (s.n_layers, s.n_kv_heads, self.n_ctx, s.head_dim)
-        self._k = np.zeros(shape, dtype=np.float32)
-        self._v = np.zeros(shape, dtype=np.float32)
+        self._k = np.empty(shape, dtype=np.float32)
+        self._v = np.empty(shape, dtype=np.float32)
         self.telemetry = Telemetry(layers=[LayerStats() for _ in range(s.n_layers)])
         max_read = store.read_bytes(4)  # the most a Q4_1-served expert reads
         self._stage = {"main": aligned_buffer(max_read), "io": aligned_buffer(max_read)}
+        n = store.index.layout.n_weights
+        self._scratch = {"main": np.empty(n, np.uint8), "io": np.empty(n, np.uint8)}
         self._graph_mem = np.empty(16 << 20, dtype=np.uint8)
+        for buf in (self._k, self._v, self._graph_mem, *self._stage.values(), *self._scratch.values()):
+            buf.fill(0)  # fault the pages in now, so the memory measured after init is all of it
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
@@ -165,7 +169,7 @@ class OffloadEngine:
         raw = self.store.read(layer, expert, bits, self._stage[who])
         t1 = time.perf_counter()
         slot = cache.take_slot(protect)
-        to_q4_1(raw, self.store.index.layout, bits, out=cache.buffers[slot])
+        to_q4_1(raw, self.store.index.layout, bits, out=cache.buffers[slot], scratch=self._scratch[who])
         cache.slot_of[expert] = slot
         cache.bits_of[expert] = bits
         with self._lock:
@@ -183,13 +187,12 @@ class OffloadEngine:
 
     def _schedule_prefetch(self, layer: int, h: np.ndarray) -> None:
         """Guess layer ``layer``'s experts from its router applied to the current hidden state."""
-        if self._pool is None or layer >= self.spec.n_layers or layer in self._pending:
-            return
+        if self._pool is None or layer >= self.spec.n_layers or layer in self._pending or h.shape[0] != 1:
+            return  # decode only: a prompt's many tokens need most experts anyway
         lw = self.layers[layer]
         probs = rms_norm(h, lw["ffn_norm"], self.spec.rms_norm_eps) @ lw["router"].T  # [T, E]
         ranked = np.argsort(-probs.max(axis=0), kind="stable")  # best score over the batch
-        guess = [int(e) for e in ranked[: self.spec.top_k]] if h.shape[0] == 1 else \
-            [int(e) for e in ranked[: self.caches[layer].capacity]]
+        guess = [int(e) for e in ranked[: self.spec.top_k]]
         self._pending[layer] = self._pool.submit(self._prefetch, layer, guess)
 
     def _wait(self, layer: int) -> None:

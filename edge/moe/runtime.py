@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from edge.formats import edge_weights
+from edge.memory import footprint_bytes
 from edge.moe.engine import OffloadConfig, OffloadEngine
 from edge.moe.sizing import offload_plan
 from edge.moe.store import ExpertStore, StoreIndex
 from edge.runtime import ggml
 from edge.units import format_bytes
 
-# Headroom under the budget for what is not counted ahead: allocator slack, Python objects,
-# per-token temporaries (measured RSS growth while decoding stays well under this).
-MARGIN_BYTES = 24 << 20
+# Headroom under the budget for what RSS cannot show ahead: allocator slack, Python objects,
+# per-token activations, and the page cache of the code we run. Without swap, a process whose
+# anonymous memory fills its cgroup makes the kernel evict and re-read its own code pages on
+# every fault: measured on the synthetic benchmark model at 97% of the cap, decode slowed >10x.
+MARGIN_BYTES = 48 << 20
+MARGIN_FRACTION = 0.10
 
 
 def open_offload(bundle: Path, manifest, *, budget: int | None, options, n_ctx: int, threads: int) -> OffloadEngine:
@@ -40,8 +44,10 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options, n_ctx: 
     config = OffloadConfig(slots=(0,) * spec.n_layers, bits=bits, policy=options.policy,
                            prefetch=options.prefetch, threads=threads, io_mode=options.io_mode)
     engine = OffloadEngine(dense, store, config, n_ctx=n_ctx)
+    del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
+    gc.collect()
     _drop_page_cache(dense_path)
-    fixed = psutil.Process().memory_info().rss + MARGIN_BYTES
+    fixed = footprint_bytes() + MARGIN_BYTES + int(MARGIN_FRACTION * (budget or 0))
     slots, bits = offload_plan(
         n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k, slot_bytes=slot_bytes,
         budget_bytes=budget, fixed_bytes=fixed, sch_curves=sch_curves, hotness=hotness, bits=options.bits,

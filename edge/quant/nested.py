@@ -170,17 +170,25 @@ def q4_1_bytes(layout: NestedLayout) -> int:
     return layout.n_weights // BLOCK * 20
 
 
-def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None,
+            scratch: np.ndarray | None = None) -> np.ndarray:
     """The ``bits``-bit expert (2 <= bits <= 4) as ggml Q4_1 blocks for each matrix, back to back.
 
     Exact: the b-bit code q_b becomes the nibble, d = s * 2^(8-b) and m = z + s * (2^(8-b) - 1) / 2
-    (rounded to fp16, as Q4_1 stores them)."""
+    (rounded to fp16, as Q4_1 stores them). ``scratch`` (n_weights bytes, reused across calls)
+    avoids allocating temporaries: fresh multi-megabyte arrays cost page faults on every call."""
     if not MIN_BITS <= bits <= 4:
         raise ValueError(f"Q4_1 holds 2..4-bit experts, not {bits}")
     header, top, planes = _sections(buf, layout, bits)
-    q = np.take(_TOP_LUT[bits - 2], top).view(np.uint32)  # [n/8]: 4 nibble bytes per element
+    n = layout.n_weights
+    if scratch is None:
+        scratch = np.empty(n, dtype=np.uint8)
+    q = scratch[: n // 2].view(np.uint32)  # [n/8]: 4 nibble bytes per element
+    tmp = scratch[n // 2 : n].view(np.uint32)
+    np.take(_TOP_LUT[bits - 2], top, out=q.view(np.uint16))
     for i, plane in enumerate(planes):
-        q |= np.take(_PLANE_LUT[bits - 3 - i], plane)
+        np.take(_PLANE_LUT[bits - 3 - i], plane, out=tmp)
+        np.bitwise_or(q, tmp, out=q)
     nb = layout.n_weights // BLOCK
     per = layout.group // BLOCK
     if out is None:
