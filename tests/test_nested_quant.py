@@ -68,3 +68,38 @@ def test_only_routed_experts_are_quantized():
 def test_group_must_divide_the_input_size():
     with pytest.raises(ValueError, match="multiple of the group size"):
         NestedLayout(((4, 100),))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_native_and_numpy_q4_1_conversion_agree(expert, bits):
+    from edge import _native
+    from edge.quant.nested import _sections, _to_q4_1_numpy, to_q4_1
+
+    if _native.nested_to_q4_1 is None:
+        pytest.skip("native helper not built (no C compiler at install)")
+    mats, layout = expert
+    record = encode(mats)
+    native = to_q4_1(record, layout, bits)
+    header, top, planes = _sections(record, layout, bits)
+    s, z = header[:, 0].astype(np.float32), header[:, 1].astype(np.float32)
+    shift = 8 - bits
+    d16, m16 = (s * float(1 << shift)).astype("<f2"), (z + s * (((1 << shift) - 1) / 2.0)).astype("<f2")
+    ref = _to_q4_1_numpy(top, planes, layout.n_weights, bits, d16, m16,
+                         np.empty_like(native), None)
+    assert np.array_equal(native, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_q4_1_blocks_dequantize_to_the_nested_decode(expert, bits):
+    import gguf
+    from gguf.quants import dequantize
+
+    from edge.quant.nested import to_q4_1
+
+    mats, layout = expert
+    record = encode(mats)
+    blocks = to_q4_1(record, layout, bits)
+    r, c = layout.shapes[0]
+    got = dequantize(blocks[: r * c // 32 * 20], gguf.GGMLQuantizationType.Q4_1).reshape(r, c)
+    want = decode(record, layout, bits)[0]
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()  # fp16 rounding of the block offset

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge import _native as native
+
 GROUP = 64  # inputs per (scale, offset) group: 0.5 bits/weight of header, as ggml's Q4_1 at 32
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -181,6 +183,28 @@ def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None,
         raise ValueError(f"Q4_1 holds 2..4-bit experts, not {bits}")
     header, top, planes = _sections(buf, layout, bits)
     n = layout.n_weights
+    nb = n // BLOCK
+    per = layout.group // BLOCK
+    if out is None:
+        out = np.empty(nb * 20, dtype=np.uint8)
+    s, z = header[:, 0].astype(np.float32), header[:, 1].astype(np.float32)
+    shift = MAX_BITS - bits
+    d16 = (s * float(1 << shift)).astype("<f2")
+    m16 = (z + s * (((1 << shift) - 1) / 2.0)).astype("<f2")
+    if native.nested_to_q4_1 is not None and top.flags.c_contiguous:
+        if out.nbytes < nb * 20 or not out.flags.c_contiguous:
+            raise ValueError(f"output buffer of {out.nbytes} bytes cannot hold {nb * 20}")
+        # the planes follow the top section directly in the record
+        rc = native.nested_to_q4_1(top.ctypes.data, top.ctypes.data + n // 4, n, bits,
+                                   d16.ctypes.data, m16.ctypes.data, out.ctypes.data)
+        if rc != 0:
+            raise ValueError(f"native Q4_1 conversion refused {n} weights at {bits} bits")
+        return out
+    return _to_q4_1_numpy(top, planes, n, bits, d16, m16, out, scratch)
+
+
+def _to_q4_1_numpy(top, planes, n, bits, d16, m16, out, scratch):
+    """The same computation with numpy table look-ups (used when the native helper is absent)."""
     if scratch is None:
         scratch = np.empty(n, dtype=np.uint8)
     q = scratch[: n // 2].view(np.uint32)  # [n/8]: 4 nibble bytes per element
@@ -189,15 +213,11 @@ def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None,
     for i, plane in enumerate(planes):
         np.take(_PLANE_LUT[bits - 3 - i], plane, out=tmp)
         np.bitwise_or(q, tmp, out=q)
-    nb = layout.n_weights // BLOCK
-    per = layout.group // BLOCK
-    if out is None:
-        out = np.empty(nb * 20, dtype=np.uint8)
+    nb = n // BLOCK
+    per = GROUP // BLOCK
     blocks = out[: nb * 20].reshape(nb // per, per, 20)  # [groups, blocks per group, 20 bytes]
-    s, z = header[:, 0].astype(np.float32), header[:, 1].astype(np.float32)
-    shift = MAX_BITS - bits
-    blocks[:, :, 0:2] = (s * float(1 << shift)).astype("<f2").view(np.uint8).reshape(-1, 1, 2)
-    blocks[:, :, 2:4] = (z + s * (((1 << shift) - 1) / 2.0)).astype("<f2").view(np.uint8).reshape(-1, 1, 2)
+    blocks[:, :, 0:2] = d16.view(np.uint8).reshape(-1, 1, 2)
+    blocks[:, :, 2:4] = m16.view(np.uint8).reshape(-1, 1, 2)
     blocks[:, :, 4:] = q.view(np.uint8).reshape(nb // per, per, 16)
     return out
 
