@@ -53,7 +53,10 @@ def main() -> None:
     if system != "llamacpp":
         metrics = m.metrics()
         metrics.pop("per_layer", None)
-    print(json.dumps({"load_s": t1 - t0, "prefill_s": t2 - t1, "prompt_tokens": len(prompt),
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"peak_rss": peak_rss, "load_s": t1 - t0, "prefill_s": t2 - t1, "prompt_tokens": len(prompt),
                       "decode_tok_s": n / (t3 - t2), "tokens": tokens, "metrics": metrics}))
 
 

@@ -122,11 +122,13 @@ def main() -> None:
             continue
     base = median_of(rows["llama.cpp (mmap, Q4_1)"], "decode_tok_s")
     base_nocap = median_of(rows["llama.cpp, no cap"], "decode_tok_s")
+    print("cgroup peak: the group's max usage, page cache included (the kernel fills the cap with cache); "
+          "peak RSS: the process's own high-water mark")
     print(f"model: {model_bytes / 2**30:.2f} GiB Q4_1 GGUF (synthetic Mixtral MoE, 16 layers x 16 experts, top-2); "
           f"cap {cap / 2**20:.0f} MiB = {args.cap_fraction:.0%}; {args.tokens} tokens, {args.threads} threads, "
           f"median of {args.runs}; disk sequential read {disk:.0f} MB/s")
-    print(f"{'system':36s} {'cap MiB':>8s} {'decode tok/s':>12s} {'ratio':>7s} {'peak MiB':>9s} {'hit rate':>8s} "
-          f"{'MB read/tok':>11s} {'SSD MB/s':>9s}")
+    print(f"{'system':36s} {'cap MiB':>8s} {'decode tok/s':>12s} {'ratio':>7s} {'cgroup peak MiB':>15s} "
+          f"{'peak RSS MiB':>12s} {'hit rate':>8s} {'MB read/tok':>11s} {'SSD MB/s':>9s}")
     for name, system, path, c, opts in cases:
         results = rows[name]
         ok = [r for r in results if "failed" not in r]
@@ -140,9 +142,10 @@ def main() -> None:
         per_tok = statistics.median(x["bytes_read"] / max(1, args.tokens + 1) / 1e6 for x in m) if m else None
         ssd = statistics.median(x["ssd_mb_per_s"] for x in m if x["ssd_mb_per_s"]) if m else None
         peak = statistics.median(r["peak"] for r in ok) / 2**20
+        rss = statistics.median(r["peak_rss"] for r in ok) / 2**20
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         print(f"{name:36s} {'-' if c is None else c // 2**20:>8} {tok_s:12.2f} {fmt(tok_s / ref if ref else None, '6.2f')}x "
-              f"{peak:9.0f} {fmt(hit, '8.3f')} {fmt(per_tok, '11.1f')} {fmt(ssd, '9.0f')}")
+              f"{peak:15.0f} {rss:12.0f} {fmt(hit, '8.3f')} {fmt(per_tok, '11.1f')} {fmt(ssd, '9.0f')}")
     edge_tok = median_of(rows["edge offload (HEBF 4->2 bits)"], "decode_tok_s")
     print(f"decode_ratio={edge_tok / base:.2f}" if edge_tok and base else "decode_ratio=nan")
 

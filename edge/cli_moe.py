@@ -46,6 +46,7 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
              as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.")) -> None:
     """Local routing consistency: SRP and the SCH hit-rate curve against cache size (moe-lrc)."""
     from edge.cli import out
+    from edge.moe.cache import policy_hit_rates
     from edge.moe.locality import WINDOWS, analyze
     from edge.moe.trace import RoutingTrace
 
@@ -77,6 +78,14 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
         s.add_row(str(c + 1), f"{(c + 1) / tr.top_k:.1f}",
                   *(f"{warm[j, c]:.3f} ({cold[j, c]:.3f})" for j in range(len(windows))))
     out.print(s)
+    p = Table(title="Online cache policies against Belady's oracle (layer mean hit rate, cold misses counted)",
+              title_justify="left")
+    p.add_column("C")
+    for name in ("lru", "lfu", "locality", "belady"):
+        p.add_column(name, justify="right")
+    for c in sorted({tr.top_k, 2 * tr.top_k, 3 * tr.top_k} & set(range(1, tr.n_experts + 1))):
+        p.add_row(str(c), *(f"{v:.3f}" for v in policy_hit_rates(tr, c).values()))
+    out.print(p)
     hot = report.hotness
     out.print(f"expert hotness: the hottest expert takes {hot.max(axis=1).mean():.1%} of a layer's activations "
               f"on average (uniform would be {1 / tr.n_experts:.1%})")

@@ -107,7 +107,7 @@ def test_trace_and_locality_cli_on_the_default_model(tmp_path):
         assert 2 * 2 / (8 + 2) < report["srp_mean"][m] < 1  # beats predicting all experts (theta=0)
     assert (tmp_path / "sch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = run("locality", str(trace))
-    assert table.returncode == 0 and "SRP" in table.stdout and "C/K" in table.stdout
+    assert table.returncode == 0 and "SRP" in table.stdout and "C/K" in table.stdout and "belady" in table.stdout
 
 
 def test_locality_rejects_a_non_trace(tmp_path):

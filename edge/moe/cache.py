@@ -73,6 +73,13 @@ def simulate(ids: np.ndarray, n_experts: int, capacity: int, policy: str, window
     return hits / max(1, T * K)
 
 
+def policy_hit_rates(trace, capacity: int) -> dict[str, float]:
+    """Layer-mean hit rate of each online policy and of Belady's oracle for a RoutingTrace."""
+    names = (*POLICIES, "belady")
+    return {p: float(np.mean([simulate(trace.layer(i), trace.n_experts, capacity, p)
+                              for i in range(trace.n_layers)])) for p in names}
+
+
 def _belady(ids: np.ndarray, capacity: int) -> float:
     """Optimal offline replacement: evict the resident expert used again farthest in the future."""
     T, K = ids.shape
