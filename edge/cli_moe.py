@@ -78,7 +78,7 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
         s.add_row(str(c + 1), f"{(c + 1) / tr.top_k:.1f}",
                   *(f"{warm[j, c]:.3f} ({cold[j, c]:.3f})" for j in range(len(windows))))
     out.print(s)
-    p = Table(title="Online cache policies against Belady's oracle (layer mean hit rate, cold misses counted)",
+    p = Table(title="Cache policies vs Belady (layer-mean hit rate)",
               title_justify="left")
     p.add_column("C")
     for name in ("lru", "lfu", "locality", "belady"):

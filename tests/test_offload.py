@@ -119,10 +119,16 @@ def test_corrupted_expert_record_is_refused_by_layer_and_expert(tmp_path, bundle
     data = bytearray(path.read_bytes())
     data[index.offset(2, 5) + index.layout.header_bytes + 10] ^= 0x40  # inside the top-bits section
     path.write_bytes(data)
-    with edge.load(b, offload=OffloadOptions(prefetch=False)) as m:
-        with pytest.raises(BundleError, match="layer 2 expert 5 is corrupted"):
-            for e in range(8):  # route every expert of layer 2 through the loader
-                m.backend._load(2, e, set(), "main")
+    from edge.data.corpus import stdlib_corpus
+
+    prompt = stdlib_corpus().heldout_texts()[4][:3000]  # long enough to route through every expert
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "run", prompt, "-m", str(b), "-n", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: expert record for layer 2 expert 5 is corrupted (checksum mismatch "
+                                   f"in section 0 of experts.bin); refusing to use it")
+    with edge.load(b) as m, pytest.raises(BundleError, match="layer 2 expert 5 is corrupted"):
+        m.create_completion(prompt, max_tokens=4)
     with pytest.raises(BundleError, match="experts.bin fails its SHA-256 check"):
         edge.load(b, verify=True)
 
