@@ -171,10 +171,11 @@ def chat(model: Optional[str] = ModelOpt,
             transcript += "".join(reply) + "\n"
 
 
-from edge.cli_moe import locality, trace  # noqa: E402
+from edge.cli_moe import locality, profile, trace  # noqa: E402
 
 app.command()(trace)
 app.command()(locality)
+app.command()(profile)
 
 
 def main() -> None:

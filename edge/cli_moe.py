@@ -91,3 +91,47 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
               f"on average (uniform would be {1 / tr.n_experts:.1%})")
     if plot:
         out.print(f"plot: {plot}")
+
+
+def profile(as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+            refresh: bool = typer.Option(False, "--refresh", help="Measure again even if a fresh profile is cached."),
+            storage: Optional[Path] = typer.Option(None, "--storage", help="Measure storage at this folder (default: edge's cache)."),
+            ) -> None:
+    """Measure this device: CPU and ISA, RAM (total, available, cgroup limit), memory bandwidth,
+    storage read speeds, ggml kernel throughput, ONNX Runtime providers, llama.cpp RPC.
+    Takes a few seconds; the result is cached for a day."""
+    from edge.cli import err, out
+    from edge.profile import cached_profile
+    from edge.units import format_bytes
+
+    if storage is not None and not storage.is_dir():
+        raise EdgeError(f"{storage}: no such folder to measure storage in")
+    with err.status("measuring this device"):
+        p = cached_profile(refresh=refresh, storage_dir=storage)
+    if as_json:
+        out.print_json(json.dumps(p.to_dict()))
+        return
+    t = Table(title=f"{p.name}  ({p.source})", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    fmt = lambda v, unit: "unknown" if v is None else f"{v:,} {unit}"  # noqa: E731
+    rows = [
+        ("CPU", f"{p.cpu_model}; {p.cores_physical} cores / {p.cores_logical} threads"),
+        ("ISA", ", ".join(p.isa) or "-"),
+        ("RAM", f"{format_bytes(p.ram_total_bytes)} total, "
+                f"{'?' if p.ram_available_bytes is None else format_bytes(p.ram_available_bytes)} available"),
+        ("cgroup memory limit", "none" if p.cgroup_limit_bytes is None else format_bytes(p.cgroup_limit_bytes)),
+        ("memory bandwidth (copy)", fmt(p.memory_bandwidth_gbps, "GB/s")),
+        ("storage sequential (O_DIRECT)", fmt(p.storage_seq_read_mbps, "MB/s")),
+        ("storage sequential (buffered, cold)", fmt(p.storage_buffered_read_mbps, "MB/s")),
+        ("storage random 4 KiB", fmt(p.storage_rand_read_mbps, "MB/s")),
+        ("  measured at", p.storage_path or "-"),
+        ("ggml Q4_1 GEMV", fmt(p.gemv_q4_gflops, "GFLOP/s")),
+        ("ggml Q8_0 GEMV", fmt(p.gemv_q8_gflops, "GFLOP/s")),
+        ("GPU", p.gpu or "none found"),
+        ("ONNX Runtime providers", ", ".join(p.ort_providers) or "-"),
+        ("llama.cpp RPC backend", "yes" if p.llama_rpc else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)

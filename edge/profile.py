@@ -1,0 +1,232 @@
+"""The hardware profiler: measure this device (seconds), or read a profile from hw-profiles/.
+
+Every number is measured here or read from a sourced profile file; none is assumed. Measurement:
+memory bandwidth as a STREAM-style copy (bytes read + bytes written per second, numpy), storage
+as O_DIRECT sequential 4 MiB reads and random 4 KiB reads of a scratch file at the given
+location (plus a buffered cold read after dropping that file's pages), and kernel throughput as
+ggml Q4_1 / Q8_0 matrix-vector products through the same ctypes path the offload engine uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from edge.cache import cache_dir
+from edge.memory import cgroup_memory
+
+PROFILE_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    source: str  # "measured" or the profile file it came from
+    measured_unix: int | None
+    cpu_model: str
+    cores_physical: int
+    cores_logical: int
+    isa: tuple[str, ...]
+    ram_total_bytes: int
+    ram_available_bytes: int | None  # now, at measurement (None for a device profile)
+    cgroup_limit_bytes: int | None
+    memory_bandwidth_gbps: float | None  # STREAM-style copy, GB/s
+    storage_seq_read_mbps: float | None  # O_DIRECT 4 MiB sequential reads, MB/s
+    storage_buffered_read_mbps: float | None  # buffered cold sequential reads, MB/s
+    storage_rand_read_mbps: float | None  # O_DIRECT 4 KiB random reads, MB/s
+    storage_path: str | None
+    gemv_q4_gflops: float | None  # ggml Q4_1 matrix-vector, all cores
+    gemv_q8_gflops: float | None  # ggml Q8_0 matrix-vector, all cores
+    gpu: str | None
+    ort_providers: tuple[str, ...]
+    llama_rpc: bool
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """What a model may take now: available RAM, capped by a cgroup limit if one applies."""
+        avail = self.ram_available_bytes if self.ram_available_bytes is not None else self.ram_total_bytes
+        return min(avail, self.cgroup_limit_bytes) if self.cgroup_limit_bytes else avail
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HardwareProfile":
+        kw = {f.name: d.get(f.name) for f in fields(cls)}
+        kw["isa"], kw["ort_providers"] = tuple(kw["isa"] or ()), tuple(kw["ort_providers"] or ())
+        return cls(**kw)
+
+
+def _cpu_info() -> tuple[str, tuple[str, ...]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware") and model in ("", platform.machine(), platform.processor()):
+                model = val.strip()
+            elif key in ("flags", "features") and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile",
+              "neon", "asimd", "asimddp", "i8mm", "sve", "sve2", "fphp", "asimdhp")
+    return model, tuple(f for f in wanted if f in flags)
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """STREAM-style copy: (read + write) bytes per second of a large numpy copy."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    return 2 * nbytes / _median_time(lambda: np.copyto(dst, src), reps) / 1e9
+
+
+def storage_speeds(directory: Path, nbytes: int = 256 << 20, rand_seconds: float = 1.0) -> dict[str, float | None]:
+    """Sequential (O_DIRECT and buffered-cold) and random 4 KiB read speeds at ``directory``."""
+    from edge.moe.store import aligned_buffer
+
+    path = Path(directory) / f".edge-profile-{os.getpid()}.tmp"
+    block = 4 << 20
+    buf = aligned_buffer(block)
+    buf[:] = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8)  # not compressible
+    out: dict[str, float | None] = {"seq": None, "buffered": None, "rand": None}
+    try:
+        with open(path, "wb") as f:
+            for _ in range(nbytes // block):
+                f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            direct = True
+        except OSError:
+            fd, direct = os.open(path, os.O_RDONLY), False
+        try:
+            if direct:
+                t0 = time.perf_counter()
+                for off in range(0, nbytes, block):
+                    os.preadv(fd, [buf], off)
+                out["seq"] = nbytes / (time.perf_counter() - t0) / 1e6
+                small, n, rng = buf[:4096], 0, np.random.default_rng(1)
+                offsets = rng.integers(0, nbytes // 4096, 1 << 16) * 4096
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < rand_seconds and n < len(offsets):
+                    os.preadv(fd, [small], int(offsets[n]))
+                    n += 1
+                out["rand"] = n * 4096 / (time.perf_counter() - t0) / 1e6
+        finally:
+            os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # our own file: cold without root
+            t0 = time.perf_counter()
+            while os.read(fd, block):
+                pass
+            out["buffered"] = nbytes / (time.perf_counter() - t0) / 1e6
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
+def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, reps: int = 20) -> float:
+    """ggml matrix-vector throughput (2 * rows * cols flops per product), all cores."""
+    from edge.runtime import ggml
+
+    w = ggml.Weight.quantized(np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32) * 0.02,
+                              gtype)
+    x = np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32)
+    mem = np.empty(4 << 20, np.uint8)
+    threads = os.cpu_count() or 1
+
+    def run():
+        g = ggml.Graph(buffer=mem)
+        g.compute([g.matmul(w, g.input(x))], threads)
+
+    run()
+    return 2 * rows * cols / _median_time(run, reps) / 1e9
+
+
+def _gpu() -> str | None:
+    for dev in ("/dev/nvidia0", "/dev/kfd", "/dev/dri/renderD128"):
+        if Path(dev).exists():
+            return dev
+    return None
+
+
+def measure(storage_dir: Path | None = None) -> HardwareProfile:
+    """Measure this device (a few seconds)."""
+    from edge.runtime import ggml
+
+    model, isa = _cpu_info()
+    vm = psutil.virtual_memory()
+    cg = cgroup_memory()
+    storage_dir = Path(storage_dir or cache_dir())
+    speeds = storage_speeds(storage_dir)
+    try:
+        import onnxruntime
+
+        providers = tuple(onnxruntime.get_available_providers())
+    except ImportError:
+        providers = ()
+    try:
+        import llama_cpp
+
+        rpc = any((Path(llama_cpp.__file__).parent / "lib").glob("libggml-rpc.so*"))
+    except ImportError:
+        rpc = False
+    return HardwareProfile(
+        name=platform.node() or "this device", source="measured", measured_unix=int(time.time()),
+        cpu_model=model, cores_physical=psutil.cpu_count(logical=False) or 1,
+        cores_logical=psutil.cpu_count(logical=True) or 1, isa=isa,
+        ram_total_bytes=vm.total, ram_available_bytes=vm.available, cgroup_limit_bytes=cg[1] if cg else None,
+        memory_bandwidth_gbps=round(memory_bandwidth_gbps(), 2),
+        storage_seq_read_mbps=None if speeds["seq"] is None else round(speeds["seq"]),
+        storage_buffered_read_mbps=None if speeds["buffered"] is None else round(speeds["buffered"]),
+        storage_rand_read_mbps=None if speeds["rand"] is None else round(speeds["rand"], 1),
+        storage_path=str(storage_dir),
+        gemv_q4_gflops=round(gemv_gflops(ggml.Q4_1), 1), gemv_q8_gflops=round(gemv_gflops(ggml.Q8_0), 1),
+        gpu=_gpu(), ort_providers=providers, llama_rpc=rpc,
+    )
+
+
+def cached_profile(refresh: bool = False, storage_dir: Path | None = None) -> HardwareProfile:
+    """This device's profile, measured at most once a day (``refresh`` forces a new measurement)."""
+    path = cache_dir() / "profile.json"
+    if not refresh and storage_dir is None:
+        try:
+            data = json.loads(path.read_text())
+            prof = HardwareProfile.from_dict(data)
+            if prof.measured_unix and time.time() - prof.measured_unix < PROFILE_TTL_S:
+                # memory available now, not a day ago
+                cg = cgroup_memory()
+                return HardwareProfile.from_dict(prof.to_dict() | {
+                    "ram_available_bytes": psutil.virtual_memory().available,
+                    "cgroup_limit_bytes": cg[1] if cg else None})
+        except (OSError, ValueError, TypeError):
+            pass
+    prof = measure(storage_dir)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(prof.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return prof
