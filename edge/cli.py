@@ -171,11 +171,12 @@ def chat(model: Optional[str] = ModelOpt,
             transcript += "".join(reply) + "\n"
 
 
-from edge.cli_moe import locality, profile, trace  # noqa: E402
+from edge.cli_moe import locality, plan, profile, trace  # noqa: E402
 
 app.command()(trace)
 app.command()(locality)
 app.command()(profile)
+app.command()(plan)
 
 
 def main() -> None:

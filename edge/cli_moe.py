@@ -125,9 +125,14 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
         ("storage sequential (O_DIRECT)", fmt(p.storage_seq_read_mbps, "MB/s")),
         ("storage sequential (buffered, cold)", fmt(p.storage_buffered_read_mbps, "MB/s")),
         ("storage random 4 KiB", fmt(p.storage_rand_read_mbps, "MB/s")),
+        ("storage random 4 MiB (expert loads)", fmt(p.storage_chunk_read_mbps, "MB/s")),
         ("  measured at", p.storage_path or "-"),
         ("ggml Q4_1 GEMV", fmt(p.gemv_q4_gflops, "GFLOP/s")),
         ("ggml Q8_0 GEMV", fmt(p.gemv_q8_gflops, "GFLOP/s")),
+        ("ggml graph call (ctypes)", fmt(p.ggml_call_us, "µs")),
+        ("expert conversion to Q4_1", fmt(p.convert_mbps, "MB/s")),
+        ("llama.cpp fixed cost per layer", fmt(p.llama_layer_us, "µs")),
+        ("offload engine fixed cost per layer", fmt(p.offload_layer_us, "µs")),
         ("GPU", p.gpu or "none found"),
         ("ONNX Runtime providers", ", ".join(p.ort_providers) or "-"),
         ("llama.cpp RPC backend", "yes" if p.llama_rpc else "no"),
@@ -135,3 +140,55 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t)
+
+
+def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or bundle; omit for the default model."),
+         device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile in hw-profiles/."),
+         budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
+         context: int = typer.Option(2048, "--context", help="Context length the KV cache must hold."),
+         bits: int = typer.Option(4, "--bits", help="Expert bits (2..4)."),
+         backend: str = typer.Option("auto", "--backend", help="auto, llamacpp or offload."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Plan how MODEL runs on a device within a memory budget, with predicted speed and memory."""
+    from dataclasses import asdict
+
+    from edge.cli import out
+    from edge.planner import plan as make_plan
+    from edge.sources import read_spec, resolve
+    from edge.units import format_bytes, parse_bytes
+
+    src = resolve(model)
+    spec = read_spec(src)
+    policy_hit = None
+    if src.kind == "bundle":
+        from edge.bundle import read_manifest
+
+        policy_hit = (read_manifest(src.path).locality or {}).get("policy_hit")
+    if device == "auto":
+        from edge.profile import cached_profile
+
+        prof = cached_profile()
+    else:
+        from edge.devices import device_profile
+
+        prof = device_profile(device)
+    try:
+        budget_bytes = None if budget is None else parse_bytes(budget)
+    except ValueError as e:
+        raise EdgeError(f"--budget: {e}") from None
+    p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, policy_hit=policy_hit,
+                  model_name=src.name, backend=backend)
+    if as_json:
+        out.print_json(json.dumps(asdict(p)))
+        return
+    out.print(f"[bold]{p.model}[/] on [bold]{p.device}[/], budget {format_bytes(p.budget_bytes)}, context {p.context}")
+    out.print(f"  backend {p.backend}, {p.weight_type}, {p.threads} threads"
+              + (f", cache {p.cache_slots_per_layer[0]} experts/layer, prefetch 1 layer" if p.cache_slots_per_layer else ""))
+    if p.predicted_decode_tok_s is None:
+        out.print(f"  predicted: peak memory {format_bytes(p.predicted_peak_bytes)}; speed unknown (see why)")
+    else:
+        out.print(f"  predicted: decode {p.predicted_decode_tok_s:.2f} tok/s, prefill {p.predicted_prefill_tok_s:.0f} "
+                  f"tok/s, first token {p.predicted_ttft_s:.2f} s, peak memory {format_bytes(p.predicted_peak_bytes)}")
+    out.print("  why:")
+    for r in p.reasons:
+        out.print(f"   - {r}", markup=False)

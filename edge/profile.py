@@ -43,9 +43,14 @@ class HardwareProfile:
     storage_seq_read_mbps: float | None  # O_DIRECT 4 MiB sequential reads, MB/s
     storage_buffered_read_mbps: float | None  # buffered cold sequential reads, MB/s
     storage_rand_read_mbps: float | None  # O_DIRECT 4 KiB random reads, MB/s
+    storage_chunk_read_mbps: float | None  # O_DIRECT 4 MiB reads at random offsets (expert loads), MB/s
     storage_path: str | None
     gemv_q4_gflops: float | None  # ggml Q4_1 matrix-vector, all cores
     gemv_q8_gflops: float | None  # ggml Q8_0 matrix-vector, all cores
+    ggml_call_us: float | None  # fixed cost of one small ggml graph computed through ctypes
+    convert_mbps: float | None  # nested record -> Q4_1 conversion, MB of Q4_1 per second
+    llama_layer_us: float | None  # llama.cpp's fixed cost per layer per decoded token (embedded model)
+    offload_layer_us: float | None  # the offload engine's fixed cost per layer per decoded token
     gpu: str | None
     ort_providers: tuple[str, ...]
     llama_rpc: bool
@@ -108,7 +113,7 @@ def storage_speeds(directory: Path, nbytes: int = 256 << 20, rand_seconds: float
     block = 4 << 20
     buf = aligned_buffer(block)
     buf[:] = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8)  # not compressible
-    out: dict[str, float | None] = {"seq": None, "buffered": None, "rand": None}
+    out: dict[str, float | None] = {"seq": None, "buffered": None, "rand": None, "chunk": None}
     try:
         with open(path, "wb") as f:
             for _ in range(nbytes // block):
@@ -133,6 +138,11 @@ def storage_speeds(directory: Path, nbytes: int = 256 << 20, rand_seconds: float
                     os.preadv(fd, [small], int(offsets[n]))
                     n += 1
                 out["rand"] = n * 4096 / (time.perf_counter() - t0) / 1e6
+                chunks = rng.integers(0, nbytes // block, 32) * block
+                t0 = time.perf_counter()
+                for off in chunks:
+                    os.preadv(fd, [buf], int(off))
+                out["chunk"] = len(chunks) * block / (time.perf_counter() - t0) / 1e6
         finally:
             os.close(fd)
         fd = os.open(path, os.O_RDONLY)
@@ -165,6 +175,85 @@ def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, reps: int = 20) 
 
     run()
     return 2 * rows * cols / _median_time(run, reps) / 1e9
+
+
+def ggml_call_us(reps: int = 200) -> float:
+    """Fixed cost of computing one tiny ggml graph through ctypes (the offload engine runs a few
+    graphs per layer per token, so this is its per-layer floor)."""
+    from edge.runtime import ggml
+
+    w = ggml.Weight.quantized(np.eye(64, dtype=np.float32), ggml.Q8_0)
+    x = np.ones((1, 64), np.float32)
+    mem = np.empty(1 << 20, np.uint8)
+    threads = os.cpu_count() or 1
+
+    def run():
+        g = ggml.Graph(buffer=mem)
+        g.compute([g.matmul(w, g.input(x))], threads)
+
+    run()
+    return _median_time(run, reps) * 1e6
+
+
+def convert_mbps(reps: int = 10) -> float:
+    """Nested record -> Q4_1 conversion speed, MB of Q4_1 written per second (4 bits)."""
+    from edge.quant.nested import NestedLayout, encode, q4_1_bytes, to_q4_1
+
+    w = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
+    layout = NestedLayout(((1024, 1024),))
+    record, out = encode([w]), np.empty(q4_1_bytes(layout), np.uint8)
+    return q4_1_bytes(layout) / _median_time(lambda: to_q4_1(record, layout, 4, out=out), reps) / 1e6
+
+
+def llama_layer_us(tokens: int = 32) -> float | None:
+    """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
+    1.2 MB touched per token: nearly all of its decode time is this fixed cost)."""
+    from edge.formats.gguf_write import write_gguf
+    from edge.formats.hf import load_weights
+    from edge.models import default_model_path
+    from edge.runtime.llamacpp import LlamaCppBackend
+
+    path = cache_dir("gguf") / "profile-default-q8_0.gguf"
+    if not path.is_file():
+        d = default_model_path()
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        write_gguf(load_weights(d), d / "tokenizer.json", tmp, outtype="q8_0", bos_id=0, eos_id=0)
+        os.replace(tmp, path)
+    be = LlamaCppBackend(path, n_ctx=128, n_threads=os.cpu_count() or 1)
+    try:
+        logits = be.eval([1, 2, 3, 4])
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            logits = be.eval([int(np.argmax(logits))])
+        per_token = (time.perf_counter() - t0) / tokens
+    finally:
+        be.close()
+    return per_token / 4 * 1e6  # the default model has 4 layers
+
+
+def offload_layer_us(tokens: int = 32) -> float:
+    """The offload engine's fixed cost per layer per decoded token: the embedded default model
+    (4 layers, every expert resident, so no loads) decoding ``tokens`` tokens."""
+    import edge
+    from edge.sdk import OffloadOptions
+
+    bundle = cache_dir() / "profile-default-offload"
+    if not (bundle / "manifest.json").is_file():
+        edge.build(None, bundle, format="offload", force=True)
+    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(prefetch=False)) as m:
+        be = m.backend
+        logits = be.eval([1, 2, 3, 4])
+        for _ in range(4):  # every expert resident before timing
+            logits = be.eval([int(np.argmax(logits))])
+        for layer in range(len(be.caches)):
+            for e in range(be.spec.n_experts):
+                if e not in be.caches[layer].slot_of:
+                    be._load(layer, e, set(), "main")
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            logits = be.eval([int(np.argmax(logits))])
+        per_token = (time.perf_counter() - t0) / tokens
+    return per_token / 4 * 1e6
 
 
 def _gpu() -> str | None:
@@ -204,8 +293,11 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
         storage_seq_read_mbps=None if speeds["seq"] is None else round(speeds["seq"]),
         storage_buffered_read_mbps=None if speeds["buffered"] is None else round(speeds["buffered"]),
         storage_rand_read_mbps=None if speeds["rand"] is None else round(speeds["rand"], 1),
+        storage_chunk_read_mbps=None if speeds["chunk"] is None else round(speeds["chunk"]),
         storage_path=str(storage_dir),
         gemv_q4_gflops=round(gemv_gflops(ggml.Q4_1), 1), gemv_q8_gflops=round(gemv_gflops(ggml.Q8_0), 1),
+        ggml_call_us=round(ggml_call_us(), 1), convert_mbps=round(convert_mbps()),
+        llama_layer_us=round(llama_layer_us(), 1), offload_layer_us=round(offload_layer_us(), 1),
         gpu=_gpu(), ort_providers=providers, llama_rpc=rpc,
     )
 

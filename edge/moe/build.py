@@ -10,6 +10,7 @@ import numpy as np
 from edge.bundle import Progress, TokenizerInfo
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
+from edge.moe.cache import simulate
 from edge.moe.locality import sch
 from edge.moe.store import write_store
 from edge.moe.trace import record_trace
@@ -34,7 +35,11 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
     trace = record_trace(ReferenceEngine(weights, n_ctx=512), tokens, window=512)
     E = weights.spec.n_experts
     curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(trace.n_layers)]
-    return {"window": window, "tokens": trace.n_tokens, "sch": curves,
+    # What the engine's default online policy achieves (first uses count as misses): the planner
+    # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
+    online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
+              for c in range(1, E + 1)]
+    return {"window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
             "hotness": trace.hotness().round(5).tolist()}
 
 

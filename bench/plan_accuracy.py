@@ -1,0 +1,97 @@
+"""How right is the planner? Predicted against measured decode speed on this machine, for plans
+that differ in backend, memory budget (enforced by a cgroup cap) and bits.
+
+    sudo python bench/plan_accuracy.py          # needs bench/offload.py's model (built if missing)
+
+Each plan is made by edge.planner from this machine's profile (edge profile) and then run as
+planned: llama.cpp plans on a gguf bundle (page cache warm: a model that fits stays cached),
+offload plans on an offload bundle inside a cgroup cap equal to the budget (page cache dropped
+first). Decode: 64 greedy tokens after a short prompt, median of --runs. Results: docs/planner.md.
+The last line is machine-readable: max_error_pct=<largest |predicted - measured| / measured, in %>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from cgroup import MemoryCap, drop_caches  # noqa: E402
+from offload import ensure_inputs  # noqa: E402
+
+import edge  # noqa: E402
+from edge.bundle import read_manifest  # noqa: E402
+from edge.planner import plan  # noqa: E402
+from edge.profile import cached_profile  # noqa: E402
+
+MiB = 1 << 20
+
+
+def measure(bundle: Path, budget: int | None, opts: dict, tokens: int, threads: int, cold: bool) -> float:
+    if cold:
+        drop_caches()
+    argv = [sys.executable, str(HERE / "_decode_one.py"), "edge", str(bundle), str(tokens), str(threads),
+            json.dumps(dict(opts, memory_budget=budget) if budget else opts)]
+    with MemoryCap(budget if cold else None) as cap:
+        proc = cap.run(argv, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{bundle.name}: {proc.stderr[-400:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["decode_tok_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/edge-bench"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("error: needs root (cgroup memory limits and drop_caches)")
+    _, synth_gguf, synth_off = ensure_inputs(args.root)
+    small_gguf, small_off = args.root / "default-q4_1", args.root / "default-offload"
+    if not (small_gguf / "manifest.json").is_file():
+        edge.build(None, small_gguf, format="gguf", weight_type="q4_1")
+    if not (small_off / "manifest.json").is_file():
+        edge.build(None, small_off, format="offload")
+    for b in (small_gguf, small_off, synth_gguf, synth_off):  # verify once, before timing
+        edge.load(b).close()
+    device = cached_profile()
+    threads = device.cores_physical
+    cases = [  # (label, bundle, budget, bits, backend, engine options)
+        ("default model, llama.cpp", small_gguf, None, 4, "llamacpp", {}),
+        ("default model, offload, 300 MiB", small_off, 300 * MiB, 4, "offload", {"pin_bits": True}),
+        ("synthetic, offload, 541 MiB", synth_off, 541 * MiB, 4, "offload", {"pin_bits": True}),
+        ("synthetic, offload, 700 MiB", synth_off, 700 * MiB, 4, "offload", {"pin_bits": True}),
+        ("synthetic, offload 2-bit, 541 MiB", synth_off, 541 * MiB, 2, "offload",
+         {"pin_bits": True, "bits": 2, "min_bits": 2}),
+        ("synthetic, llama.cpp (fits)", synth_gguf, None, 4, "llamacpp", {}),
+    ]
+    rows, worst = [], 0.0
+    for label, bundle, budget, bits, backend, opts in cases:
+        m = read_manifest(bundle)
+        p = plan(m.spec, device, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
+                 policy_hit=(m.locality or {}).get("policy_hit"), model_name=bundle.name, backend=backend)
+        got = statistics.median(measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
+                                for _ in range(args.runs))
+        err = abs(p.predicted_decode_tok_s - got) / got * 100
+        worst = max(worst, err)
+        rows.append((label, p.backend, p.cache_slots_per_layer, p.predicted_decode_tok_s, got, err))
+        print(f"{label}: predicted {p.predicted_decode_tok_s:.2f}, measured {got:.2f} tok/s", file=sys.stderr, flush=True)
+    print(f"device: {device.name} ({device.cpu_model}, {device.cores_physical} cores), {args.tokens} tokens, "
+          f"median of {args.runs}")
+    print(f"{'plan':36s} {'backend':9s} {'slots/layer':>11s} {'predicted tok/s':>15s} {'measured tok/s':>14s} {'error':>7s}")
+    for label, backend, slots, pred, got, err in rows:
+        print(f"{label:36s} {backend:9s} {'-' if not slots else slots[0]:>11} {pred:15.2f} {got:14.2f} {err:6.1f}%")
+    print(f"max_error_pct={worst:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The planner: (model, device, budget, context) -> a Plan, with a performance model it explains.
+
+Pure: numbers in, numbers out, no I/O. Every predicted figure is a sum of terms printed in
+``Plan.reasons``, so a user can see why a plan is fast or slow. The terms:
+
+* bytes a decode step touches: dense weights + K of E experts per layer, at the plan's bits;
+* how fast this device streams weights through a matrix-vector kernel: the profiler's ggml Q4_1
+  GEMV throughput (measured), or for a device profile 70% of its published peak DRAM bandwidth
+  (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
+* a fixed cost per layer per token (kernel launches, Python), measured by the profiler on the
+  embedded default model for llama.cpp and for the offload engine;
+* offload only: expert loads per token from the engine's cache policy replayed on the model's
+  calibration trace at the planned cache size (uniform routing when no trace exists), each costing
+  its read at the profiler's random 4 MiB read speed plus its conversion into kernel format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge.errors import EdgeError
+from edge.profile import HardwareProfile
+from edge.spec import ModelSpec
+from edge.units import format_bytes
+
+# Bits per weight of the formats the plan can pick (ggml block layouts: scale/offset included).
+BPW = {"q4_1": 5.0, "q8_0": 8.5, "f16": 16.0}
+LLAMA_OVERHEAD_BYTES = 64 << 20  # llama.cpp compute buffers and runtime (measured ~60 MB, docs/offload.md)
+OFFLOAD_RUNTIME_BYTES = 160 << 20  # Python, numpy, ggml, buffers: measured 150-180 MB before slots
+GEMV_SHARE_OF_PEAK = 0.70  # device profiles list peak DRAM bandwidth, not a measured GEMV rate
+PREFILL_REUSE = 8  # a prompt batch reads each weight once for many tokens; order of magnitude, unvalidated
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    device: str
+    backend: str  # "llamacpp" or "offload"
+    weight_type: str
+    bits: int
+    budget_bytes: int
+    context: int
+    threads: int
+    cache_slots_per_layer: tuple[int, ...] | None
+    prefetch_layers: int
+    predicted_peak_bytes: int
+    predicted_decode_tok_s: float | None  # None: the device has no measured or published bandwidth
+    predicted_prefill_tok_s: float | None
+    predicted_ttft_s: float | None
+    reasons: tuple[str, ...] = field(default=())
+
+
+def _stream_bytes_per_s(device: HardwareProfile) -> tuple[float | None, str]:
+    if device.gemv_q4_gflops:
+        bps = device.gemv_q4_gflops * 1e9 / 2 * BPW["q4_1"] / 8  # 2 flops per weight
+        return bps, f"measured ggml Q4_1 GEMV {device.gemv_q4_gflops:.0f} GFLOP/s = {bps / 1e9:.1f} GB/s of weights"
+    if device.memory_bandwidth_gbps:
+        bps = device.memory_bandwidth_gbps * 1e9 * GEMV_SHARE_OF_PEAK
+        return bps, (f"{GEMV_SHARE_OF_PEAK:.0%} of published peak bandwidth {device.memory_bandwidth_gbps} GB/s "
+                     f"(assumed) = {bps / 1e9:.1f} GB/s")
+    return None, "unknown: this device has no measured or published memory bandwidth, so no speed is predicted"
+
+
+def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None = None, context: int = 2048,
+         bits: int = 4, policy_hit: list[float] | None = None, model_name: str = "model",
+         backend: str = "auto") -> Plan:
+    """Choose a backend and its settings; predict speed and peak memory; refuse with numbers.
+
+    ``policy_hit``: layer-mean hit rate of the engine's cache policy for C = 1..E, replayed on the
+    model's calibration trace (an offload bundle's manifest has it); without it, uniform routing."""
+    if bits not in (2, 3, 4):
+        raise EdgeError(f"plans use 2..4-bit experts, not {bits}")
+    if backend not in ("auto", "llamacpp", "offload"):
+        raise EdgeError(f"unknown backend {backend!r}; choose auto, llamacpp or offload")
+    budget = budget_bytes if budget_bytes is not None else device.usable_memory_bytes
+    L, E, K = spec.n_layers, spec.n_experts, spec.top_k
+    threads = device.cores_physical
+    stream, stream_why = _stream_bytes_per_s(device)
+    reasons = [f"weights stream at {stream_why}"]
+    wtype = "q4_1" if bits == 4 else f"nested-{bits}"
+    q4, q8 = BPW["q4_1"] / 8, BPW["q8_0"] / 8
+    experts_q4 = spec.expert_params * q4
+    kv16 = 2 * L * spec.n_kv_heads * spec.head_dim * context * 2  # llama.cpp: f16 K and V
+    whole = spec.dense_params * q4 + experts_q4 + kv16 + LLAMA_OVERHEAD_BYTES
+    prompt = 64  # tokens: the time-to-first-token prediction assumes a 64-token prompt
+    fits = whole <= budget
+    if backend == "llamacpp" or (backend == "auto" and fits):
+        if not fits:
+            raise EdgeError(f"needs {format_bytes(whole)} to run whole with llama.cpp at 4 bits; budget is "
+                            f"{format_bytes(budget)} (use the offload backend)")
+        active = spec.dense_params * q4 + experts_q4 * K / E
+        reasons.append(f"fits: {format_bytes(whole)} (weights {format_bytes(whole - kv16 - LLAMA_OVERHEAD_BYTES)}, "
+                       f"KV for {context} tokens {format_bytes(kv16)}, runtime {format_bytes(LLAMA_OVERHEAD_BYTES)}) "
+                       f"<= budget {format_bytes(budget)} -> llama.cpp runs it whole, memory-mapped")
+        decode = prefill = ttft = None
+        if stream:
+            fixed_s, fixed_why = _fixed(device.llama_layer_us, L, "llama.cpp")
+            step = active / stream + fixed_s
+            decode, prefill = 1 / step, 1 / (active / stream / PREFILL_REUSE + fixed_s)
+            ttft = prompt / prefill
+            reasons.append(f"decode: {format_bytes(active)} of weights per token in {active / stream * 1e3:.2f} ms + "
+                           f"{fixed_why} -> {decode:.1f} tokens/s")
+        return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
+                    int(whole), decode, prefill, ttft, tuple(reasons))
+    slot = spec.expert_params / (L * E) * q4
+    kv32 = kv16 * 2  # the offload engine keeps K and V in f32
+    fixed_bytes = spec.dense_params * q8 + kv32 + OFFLOAD_RUNTIME_BYTES
+    room = budget * 0.9 - fixed_bytes - (48 << 20)  # the engine's headroom (edge/moe/runtime.py)
+    if room < L * K * slot:
+        raise EdgeError(
+            f"needs {format_bytes(fixed_bytes + L * K * slot + (48 << 20) + budget * 0.1)} at {bits} bits with "
+            f"offloading ({format_bytes(fixed_bytes)} dense + runtime + KV, {L} layers x {K} experts of "
+            f"{format_bytes(slot)}); budget is {format_bytes(budget)}")
+    read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
+    if not read_mbps:
+        raise EdgeError(f"device '{device.name}' has no storage read speed to plan offloading with")
+    per_layer = min(E, int(room // slot) // L)
+    hit = policy_hit[per_layer - 1] if policy_hit else per_layer / E
+    loads = L * K * (1 - hit)
+    layout_share = bits / 8.5  # a b-bit prefix of an 8.5-bit-per-weight record
+    read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * layout_share
+    convert_s = slot / (device.convert_mbps * 1e6) if device.convert_mbps else 0.0
+    load_s = read_bytes / (read_mbps * 1e6) + convert_s
+    active = spec.dense_params * q8 + experts_q4 * K / E
+    fixed_s, fixed_why = _fixed(device.offload_layer_us, L, "the offload engine")
+    peak = fixed_bytes + per_layer * L * slot + (48 << 20)
+    if stream is None:
+        reasons.append(f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts; "
+                       f"cache {per_layer} of {E} experts per layer, {loads:.1f} loads per token")
+        return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
+                    (per_layer,) * L, 1, int(peak), None, None, None, tuple(reasons))
+    step = active / stream + fixed_s + loads * load_s
+    reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
+                f"cache: {per_layer} of {E} experts per layer ({format_bytes(per_layer * L * slot)}) after "
+                f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
+                f"hit rate {hit:.2f} ({'the cache policy replayed on the model trace' if policy_hit else 'uniform routing: no trace'})"
+                f" -> {loads:.1f} expert loads per token",
+                f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s"
+                + (f" + conversion at {device.convert_mbps:.0f} MB/s" if device.convert_mbps else "")
+                + f" = {load_s * 1e3:.1f} ms",
+                f"decode: {active / stream * 1e3:.1f} ms weights + {fixed_why} + {loads * load_s * 1e3:.0f} ms "
+                f"loading -> {1 / step:.2f} tokens/s"]
+    prefill = 1 / (active / stream / PREFILL_REUSE + fixed_s)
+    ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
+    return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
+                (per_layer,) * L, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons))
+
+
+def _fixed(per_layer_us: float | None, n_layers: int, who: str) -> tuple[float, str]:
+    if per_layer_us is None:
+        return 0.0, f"{who}'s fixed cost per layer (not measured on this device: left out, so speed is an upper bound)"
+    return n_layers * per_layer_us * 1e-6, f"{n_layers} x {per_layer_us:.0f} µs fixed cost per layer ({who}, measured)"
