@@ -171,12 +171,14 @@ def chat(model: Optional[str] = ModelOpt,
             transcript += "".join(reply) + "\n"
 
 
-from edge.cli_moe import locality, plan, profile, trace  # noqa: E402
+from edge.cli_moe import bench, deploy, locality, plan, profile, trace  # noqa: E402
 
 app.command()(trace)
 app.command()(locality)
 app.command()(profile)
 app.command()(plan)
+app.command()(deploy)
+app.command()(bench)
 
 
 def main() -> None:

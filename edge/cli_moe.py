@@ -125,7 +125,8 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
         ("storage sequential (O_DIRECT)", fmt(p.storage_seq_read_mbps, "MB/s")),
         ("storage sequential (buffered, cold)", fmt(p.storage_buffered_read_mbps, "MB/s")),
         ("storage random 4 KiB", fmt(p.storage_rand_read_mbps, "MB/s")),
-        ("storage random 4 MiB (expert loads)", fmt(p.storage_chunk_read_mbps, "MB/s")),
+        ("storage scattered MiB reads (expert loads)", fmt(p.storage_chunk_read_mbps, "MB/s")
+         + ("" if p.storage_chunk_latency_ms is None else f" + {p.storage_chunk_latency_ms} ms per read")),
         ("  measured at", p.storage_path or "-"),
         ("ggml Q4_1 GEMV", fmt(p.gemv_q4_gflops, "GFLOP/s")),
         ("ggml Q8_0 GEMV", fmt(p.gemv_q8_gflops, "GFLOP/s")),
@@ -192,3 +193,60 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     out.print("  why:")
     for r in p.reasons:
         out.print(f"   - {r}", markup=False)
+
+
+def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint; omit for the default model."),
+           device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile name."),
+           budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
+           context: int = typer.Option(2048, "--context", help="Context length to plan for."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle folder (default: NAME-BACKEND)."),
+           force: bool = typer.Option(False, "--force", help="Replace an existing bundle.")) -> None:
+    """Profile -> plan -> build the bundle for that plan -> smoke-run it, with a summary."""
+    from edge.cli import err, out
+    from edge.deploy import deploy as run_deploy
+    from edge.units import format_bytes, parse_bytes
+
+    try:
+        budget_bytes = None if budget is None else parse_bytes(budget)
+    except ValueError as e:
+        raise EdgeError(f"--budget: {e}") from None
+    with err.status("deploying") as status:
+        p, path, smoke = run_deploy(model, output, device=device, budget_bytes=budget_bytes, context=context,
+                                    force=force, say=lambda msg: status.update(msg))
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in [("device", p.device), ("backend", p.backend + (f", {p.cache_slots_per_layer[0]} experts cached per layer"
+                                                                 if p.cache_slots_per_layer else "")),
+                 ("bundle", f"{format_bytes(size)} ({p.weight_type})"), ("budget", format_bytes(p.budget_bytes)),
+                 ("predicted decode", "unknown" if p.predicted_decode_tok_s is None else f"{p.predicted_decode_tok_s:.2f} tok/s"),
+                 ("smoke run decode", f"{smoke['decode_tok_s']:.2f} tok/s (16 tokens)"),
+                 ("smoke run output", repr(smoke["text"][:60]))]:
+        t.add_row(k, str(v))
+    out.print(t)
+    out.print(f"next: edge run \"...\" -m {path}" + (f" --memory-budget {p.budget_bytes}" if p.backend == "offload" else "")
+              + f"   |   edge bench {path}")
+
+
+def bench(bundle: Path = typer.Argument(..., help="A bundle made by edge deploy."),
+          tokens: int = typer.Option(64, "--tokens", help="Tokens to decode.")) -> None:
+    """Run a deployed bundle as planned; print predicted vs measured speed and memory."""
+    from edge.cli import out
+    from edge.deploy import measure, read_plan
+    from edge.units import format_bytes
+
+    p = read_plan(bundle)
+    got = measure(bundle, p, tokens=tokens)
+    t = Table(title=f"{bundle}: {p.backend} on {p.device}", title_justify="left")
+    for c in ("", "predicted", "measured", "error"):
+        t.add_column(c, justify="right" if c else "left")
+
+    def row(name, pred, meas, fmt):
+        err_pct = "-" if pred is None else f"{(pred - meas) / meas * 100:+.1f}%"
+        t.add_row(name, "unknown" if pred is None else fmt(pred), fmt(meas), err_pct)
+
+    row("decode tokens/s", p.predicted_decode_tok_s, got["decode_tok_s"], lambda v: f"{v:.2f}")
+    row("time to first token s", p.predicted_ttft_s, got["ttft_s"], lambda v: f"{v:.3f}")
+    row("peak memory", p.predicted_peak_bytes, got["peak_rss_bytes"], format_bytes)
+    out.print(t)

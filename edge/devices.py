@@ -93,7 +93,8 @@ class DeviceFile(BaseModel):
             ram_available_bytes=None, cgroup_limit_bytes=None,
             memory_bandwidth_gbps=val(self.memory_bandwidth_gbps),
             storage_seq_read_mbps=val(self.storage_read_mbps), storage_buffered_read_mbps=None,
-            storage_rand_read_mbps=None, storage_chunk_read_mbps=None, storage_path=None,
+            storage_rand_read_mbps=None, storage_chunk_read_mbps=None, storage_chunk_latency_ms=None,
+            storage_path=None,
             gemv_q4_gflops=None, gemv_q8_gflops=None, ggml_call_us=None, convert_mbps=None, llama_layer_us=None,
             offload_layer_us=None,
             gpu=None if not self.gpu.known else str(self.gpu.value), ort_providers=(), llama_rpc=False)

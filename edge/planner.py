@@ -28,6 +28,7 @@ BPW = {"q4_1": 5.0, "q8_0": 8.5, "f16": 16.0}
 LLAMA_OVERHEAD_BYTES = 64 << 20  # llama.cpp compute buffers and runtime (measured ~60 MB, docs/offload.md)
 OFFLOAD_RUNTIME_BYTES = 160 << 20  # Python, numpy, ggml, buffers: measured 150-180 MB before slots
 GEMV_SHARE_OF_PEAK = 0.70  # device profiles list peak DRAM bandwidth, not a measured GEMV rate
+CRC_BYTES_PER_S = 4e9  # zlib.crc32 of a loaded record section, measured ~4 GB/s here
 PREFILL_REUSE = 8  # a prompt batch reads each weight once for many tokens; order of magnitude, unvalidated
 
 
@@ -120,7 +121,9 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     layout_share = bits / 8.5  # a b-bit prefix of an 8.5-bit-per-weight record
     read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * layout_share
     convert_s = slot / (device.convert_mbps * 1e6) if device.convert_mbps else 0.0
-    load_s = read_bytes / (read_mbps * 1e6) + convert_s
+    latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
+    crc_s = read_bytes / CRC_BYTES_PER_S
+    load_s = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
     active = spec.dense_params * q8 + experts_q4 * K / E
     fixed_s, fixed_why = _fixed(device.offload_layer_us, L, "the offload engine")
     peak = fixed_bytes + per_layer * L * slot + (48 << 20)
@@ -135,7 +138,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                 f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
                 f"hit rate {hit:.2f} ({'the cache policy replayed on the model trace' if policy_hit else 'uniform routing: no trace'})"
                 f" -> {loads:.1f} expert loads per token",
-                f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s"
+                f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
+                + f" + checksum"
                 + (f" + conversion at {device.convert_mbps:.0f} MB/s" if device.convert_mbps else "")
                 + f" = {load_s * 1e3:.1f} ms",
                 f"decode: {active / stream * 1e3:.1f} ms weights + {fixed_why} + {loads * load_s * 1e3:.0f} ms "

@@ -16,7 +16,7 @@ THIS = HardwareProfile(
     name="test box", source="measured", measured_unix=0, cpu_model="x", cores_physical=2, cores_logical=2,
     isa=("avx2",), ram_total_bytes=8 << 30, ram_available_bytes=6 << 30, cgroup_limit_bytes=None,
     memory_bandwidth_gbps=20.0, storage_seq_read_mbps=1000, storage_buffered_read_mbps=2000,
-    storage_rand_read_mbps=50, storage_chunk_read_mbps=1200, storage_path="/tmp", gemv_q4_gflops=60.0,
+    storage_rand_read_mbps=50, storage_chunk_read_mbps=1200, storage_chunk_latency_ms=0.5, storage_path="/tmp", gemv_q4_gflops=60.0,
     gemv_q8_gflops=60.0, ggml_call_us=20.0, convert_mbps=2000, llama_layer_us=60.0, offload_layer_us=300.0,
     gpu=None, ort_providers=("CPUExecutionProvider",), llama_rpc=True)
 

@@ -193,6 +193,8 @@ class OffloadEngine:
         probs = rms_norm(h, lw["ffn_norm"], self.spec.rms_norm_eps) @ lw["router"].T  # [T, E]
         ranked = np.argsort(-probs.max(axis=0), kind="stable")  # best score over the batch
         guess = [int(e) for e in ranked[: self.spec.top_k]]
+        if all(e in self.caches[layer].slot_of for e in guess):
+            return  # nothing to load: skip the thread hand-off (it costs more than the check)
         self._pending[layer] = self._pool.submit(self._prefetch, layer, guess)
 
     def _wait(self, layer: int) -> None:

@@ -1,0 +1,89 @@
+"""``edge deploy`` and ``edge bench``: profile -> plan -> bundle -> smoke run, and predicted vs measured."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.planner import Plan, plan
+
+PLAN_FILE = "plan.json"  # written beside the manifest: what the bundle was built for
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser("
+
+
+def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int | None = None, context: int = 2048,
+           force: bool = False, say=lambda msg: None) -> tuple[Plan, Path, dict]:
+    import edge
+    from edge.bundle import read_manifest
+    from edge.sources import read_spec, resolve
+
+    src = resolve(model)
+    if src.kind != "hf":
+        raise EdgeError("edge deploy builds from a Hugging Face checkpoint (or the embedded default model)")
+    spec = read_spec(src)
+    say("profiling the device")
+    prof = _device(device)
+    first = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name)
+    out = Path(out or f"{src.name}-{first.backend}")
+    say(f"building a {first.backend} bundle")
+    if first.backend == "llamacpp":
+        edge.build(src.path, out, format="gguf", weight_type="q4_1", force=force, progress=say)
+        final = first
+    else:
+        edge.build(src.path, out, format="offload", force=force, progress=say)
+        hit = (read_manifest(out).locality or {}).get("policy_hit")  # now measured: plan again with it
+        final = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, policy_hit=hit)
+    (out / PLAN_FILE).write_text(json.dumps(asdict(final), indent=2) + "\n")
+    say("smoke run")
+    smoke = measure(out, final, tokens=16)
+    return final, out, smoke
+
+
+def _device(device: str):
+    if device == "auto":
+        from edge.profile import cached_profile
+
+        return cached_profile()
+    from edge.devices import device_profile
+
+    return device_profile(device)
+
+
+def read_plan(bundle: Path) -> Plan:
+    path = Path(bundle) / PLAN_FILE
+    if not path.is_file():
+        raise EdgeError(f"{bundle} has no {PLAN_FILE}: make it with `edge deploy` (edge bench compares a plan's "
+                        f"predictions with measurements)")
+    data = json.loads(path.read_text())
+    data["reasons"] = tuple(data.get("reasons", ()))
+    if data.get("cache_slots_per_layer") is not None:
+        data["cache_slots_per_layer"] = tuple(data["cache_slots_per_layer"])
+    return Plan(**data)
+
+
+def measure(bundle: Path, p: Plan, *, tokens: int = 64) -> dict:
+    """Run the bundle as planned: time to first token, decode tokens/s (greedy), peak RSS."""
+    import edge
+
+    t0 = time.perf_counter()
+    budget = p.budget_bytes if p.backend == "offload" else None
+    with edge.load(bundle, n_ctx=min(p.context, 2048), n_threads=p.threads, memory_budget=budget) as m:
+        ids = m.tokenize(PROMPT)
+        t1 = time.perf_counter()
+        logits = m.backend.eval(ids)
+        first = int(np.argmax(logits))
+        t2 = time.perf_counter()
+        out = [first]
+        for _ in range(tokens):
+            logits = m.backend.eval([out[-1]])
+            out.append(int(np.argmax(logits)))
+        t3 = time.perf_counter()
+        text = m.detokenize(out)
+    return {"load_s": t1 - t0, "ttft_s": t2 - t1, "decode_tok_s": tokens / (t3 - t2),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "text": text}
