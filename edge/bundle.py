@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge import __version__
 from edge.cache import cache_dir
-from edge.errors import BundleError
+from edge.errors import BundleError, field_error
 from edge.spec import ModelSpec
 
 SCHEMA_VERSION = 1
@@ -85,9 +85,7 @@ def read_manifest(bundle: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{path}: field '{where}': {first['msg']}") from None
+        raise BundleError(field_error(str(path), e)) from None
 
 
 def _stamp_path(bundle: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, field_error
 from edge.profile import HardwareProfile
 
 UNKNOWN = "unknown"
@@ -112,9 +112,7 @@ def load_device_file(path: Path) -> DeviceFile:
     try:
         return DeviceFile.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise EdgeError(f"{path.name}: field '{where}': {first['msg']}") from None
+        raise EdgeError(field_error(path.name, e)) from None
 
 
 def device_names(directory: Path | None = None) -> list[str]:

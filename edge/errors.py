@@ -19,3 +19,10 @@ class UnsupportedModelError(EdgeError):
 
 class BundleError(EdgeError):
     """An edge bundle is missing, incomplete or fails verification."""
+
+
+def field_error(where: str, exc) -> str:
+    """One line for the first problem in a pydantic ValidationError: "<where>: field 'a.b': <msg>"."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{where}: field '{loc}': {first['msg']}"
