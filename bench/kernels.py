@@ -35,7 +35,6 @@ def med(fn, reps: int) -> float:
 
 def ort_session(codes: np.ndarray, d: np.ndarray, m: np.ndarray, rows: int, cols: int, threads: int):
     """MatMulNBits (4 bits, block 32, accuracy_level 4) with B as a constant initializer."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -171,7 +171,8 @@ def chat(model: Optional[str] = ModelOpt,
             transcript += "".join(reply) + "\n"
 
 
-from edge.cli_moe import bench, deploy, locality, plan, profile, trace  # noqa: E402
+from edge.cli_device import bench, deploy, plan, profile  # noqa: E402
+from edge.cli_moe import locality, trace  # noqa: E402
 
 app.command()(trace)
 app.command()(locality)

@@ -139,7 +139,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                 f"hit rate {hit:.2f} ({'the cache policy replayed on the model trace' if policy_hit else 'uniform routing: no trace'})"
                 f" -> {loads:.1f} expert loads per token",
                 f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
-                + f" + checksum"
+                + " + checksum"
                 + (f" + conversion at {device.convert_mbps:.0f} MB/s" if device.convert_mbps else "")
                 + f" = {load_s * 1e3:.1f} ms",
                 f"decode: {active / stream * 1e3:.1f} ms weights + {fixed_why} + {loads * load_s * 1e3:.0f} ms "

@@ -251,7 +251,6 @@ def offload_layer_us(tokens: int = 64) -> float:
     """The offload engine's fixed cost per layer per decoded token: the embedded default model
     (4 layers, every expert resident, so no loads) decoding ``tokens`` tokens."""
     import edge
-    from edge.sdk import OffloadOptions
 
     bundle = cache_dir() / "profile-default-offload"
     if not (bundle / "manifest.json").is_file():

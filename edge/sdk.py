@@ -169,7 +169,7 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
         return _load_gguf(src.path, src.name, backend, n_ctx, n_threads, eos=())
     if backend == "llamacpp":
         gguf = _cached_gguf(src)
-        bos, eos = hf_special_ids(src.path)
+        _, eos = hf_special_ids(src.path)
         return _load_gguf(gguf, src.name, "llamacpp", n_ctx, n_threads, eos=eos, hf_dir=src.path)
     from edge.formats.hf import load_weights
 

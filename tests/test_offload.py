@@ -125,8 +125,8 @@ def test_corrupted_expert_record_is_refused_by_layer_and_expert(tmp_path, bundle
     proc = subprocess.run([sys.executable, "-m", "edge.cli", "run", prompt, "-m", str(b), "-n", "4"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"error: expert record for layer 2 expert 5 is corrupted (checksum mismatch "
-                                   f"in section 0 of experts.bin); refusing to use it")
+    assert proc.stderr.strip() == ("error: expert record for layer 2 expert 5 is corrupted (checksum mismatch "
+                                   "in section 0 of experts.bin); refusing to use it")
     with edge.load(b) as m, pytest.raises(BundleError, match="layer 2 expert 5 is corrupted"):
         m.create_completion(prompt, max_tokens=4)
     with pytest.raises(BundleError, match="experts.bin fails its SHA-256 check"):

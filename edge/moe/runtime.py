@@ -37,7 +37,7 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options, n_ctx: 
     hotness = np.asarray(loc["hotness"]) if "hotness" in loc else None
     # Build the engine with the smallest cache first, measure what the process then holds,
     # and size the cache from the rest of the budget.
-    probe_slots, bits = offload_plan(
+    _, bits = offload_plan(
         n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k, slot_bytes=slot_bytes,
         budget_bytes=None, fixed_bytes=0, sch_curves=None, hotness=hotness, bits=options.bits,
         min_bits=options.min_bits, pin_bits=options.pin_bits)

@@ -184,7 +184,6 @@ def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None,
     header, top, planes = _sections(buf, layout, bits)
     n = layout.n_weights
     nb = n // BLOCK
-    per = layout.group // BLOCK
     if out is None:
         out = np.empty(nb * 20, dtype=np.uint8)
     s, z = header[:, 0].astype(np.float32), header[:, 1].astype(np.float32)

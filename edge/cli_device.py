@@ -1,0 +1,171 @@
+"""``edge profile``, ``edge plan``, ``edge deploy`` and ``edge bench``: devices and plans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edge.errors import EdgeError
+
+
+def profile(as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+            refresh: bool = typer.Option(False, "--refresh", help="Measure again even if a fresh profile is cached."),
+            storage: Optional[Path] = typer.Option(None, "--storage", help="Measure storage at this folder (default: edge's cache)."),
+            ) -> None:
+    """Measure this device: CPU and ISA, RAM (total, available, cgroup limit), memory bandwidth,
+    storage read speeds, ggml kernel throughput, ONNX Runtime providers, llama.cpp RPC.
+    Takes a few seconds; the result is cached for a day."""
+    from edge.cli import err, out
+    from edge.profile import cached_profile
+    from edge.units import format_bytes
+
+    if storage is not None and not storage.is_dir():
+        raise EdgeError(f"{storage}: no such folder to measure storage in")
+    with err.status("measuring this device"):
+        p = cached_profile(refresh=refresh, storage_dir=storage)
+    if as_json:
+        out.print_json(json.dumps(p.to_dict()))
+        return
+    t = Table(title=f"{p.name}  ({p.source})", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    fmt = lambda v, unit: "unknown" if v is None else f"{v:,} {unit}"  # noqa: E731
+    rows = [
+        ("CPU", f"{p.cpu_model}; {p.cores_physical} cores / {p.cores_logical} threads"),
+        ("ISA", ", ".join(p.isa) or "-"),
+        ("RAM", f"{format_bytes(p.ram_total_bytes)} total, "
+                f"{'?' if p.ram_available_bytes is None else format_bytes(p.ram_available_bytes)} available"),
+        ("cgroup memory limit", "none" if p.cgroup_limit_bytes is None else format_bytes(p.cgroup_limit_bytes)),
+        ("memory bandwidth (copy)", fmt(p.memory_bandwidth_gbps, "GB/s")),
+        ("storage sequential (O_DIRECT)", fmt(p.storage_seq_read_mbps, "MB/s")),
+        ("storage sequential (buffered, cold)", fmt(p.storage_buffered_read_mbps, "MB/s")),
+        ("storage random 4 KiB", fmt(p.storage_rand_read_mbps, "MB/s")),
+        ("storage scattered MiB reads (expert loads)", fmt(p.storage_chunk_read_mbps, "MB/s")
+         + ("" if p.storage_chunk_latency_ms is None else f" + {p.storage_chunk_latency_ms} ms per read")),
+        ("  measured at", p.storage_path or "-"),
+        ("ggml Q4_1 GEMV", fmt(p.gemv_q4_gflops, "GFLOP/s")),
+        ("ggml Q8_0 GEMV", fmt(p.gemv_q8_gflops, "GFLOP/s")),
+        ("ggml graph call (ctypes)", fmt(p.ggml_call_us, "µs")),
+        ("expert conversion to Q4_1", fmt(p.convert_mbps, "MB/s")),
+        ("llama.cpp fixed cost per layer", fmt(p.llama_layer_us, "µs")),
+        ("offload engine fixed cost per layer", fmt(p.offload_layer_us, "µs")),
+        ("GPU", p.gpu or "none found"),
+        ("ONNX Runtime providers", ", ".join(p.ort_providers) or "-"),
+        ("llama.cpp RPC backend", "yes" if p.llama_rpc else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or bundle; omit for the default model."),
+         device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile in hw-profiles/."),
+         budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
+         context: int = typer.Option(2048, "--context", help="Context length the KV cache must hold."),
+         bits: int = typer.Option(4, "--bits", help="Expert bits (2..4)."),
+         backend: str = typer.Option("auto", "--backend", help="auto, llamacpp or offload."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Plan how MODEL runs on a device within a memory budget, with predicted speed and memory."""
+    from dataclasses import asdict
+
+    from edge.cli import out
+    from edge.planner import plan as make_plan
+    from edge.sources import read_spec, resolve
+    from edge.units import format_bytes, parse_bytes
+
+    src = resolve(model)
+    spec = read_spec(src)
+    policy_hit = None
+    if src.kind == "bundle":
+        from edge.bundle import read_manifest
+
+        policy_hit = (read_manifest(src.path).locality or {}).get("policy_hit")
+    if device == "auto":
+        from edge.profile import cached_profile
+
+        prof = cached_profile()
+    else:
+        from edge.devices import device_profile
+
+        prof = device_profile(device)
+    try:
+        budget_bytes = None if budget is None else parse_bytes(budget)
+    except ValueError as e:
+        raise EdgeError(f"--budget: {e}") from None
+    p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, policy_hit=policy_hit,
+                  model_name=src.name, backend=backend)
+    if as_json:
+        out.print_json(json.dumps(asdict(p)))
+        return
+    out.print(f"[bold]{p.model}[/] on [bold]{p.device}[/], budget {format_bytes(p.budget_bytes)}, context {p.context}")
+    out.print(f"  backend {p.backend}, {p.weight_type}, {p.threads} threads"
+              + (f", cache {p.cache_slots_per_layer[0]} experts/layer, prefetch 1 layer" if p.cache_slots_per_layer else ""))
+    if p.predicted_decode_tok_s is None:
+        out.print(f"  predicted: peak memory {format_bytes(p.predicted_peak_bytes)}; speed unknown (see why)")
+    else:
+        out.print(f"  predicted: decode {p.predicted_decode_tok_s:.2f} tok/s, prefill {p.predicted_prefill_tok_s:.0f} "
+                  f"tok/s, first token {p.predicted_ttft_s:.2f} s, peak memory {format_bytes(p.predicted_peak_bytes)}")
+    out.print("  why:")
+    for r in p.reasons:
+        out.print(f"   - {r}", markup=False)
+
+
+def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint; omit for the default model."),
+           device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile name."),
+           budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
+           context: int = typer.Option(2048, "--context", help="Context length to plan for."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle folder (default: NAME-BACKEND)."),
+           force: bool = typer.Option(False, "--force", help="Replace an existing bundle.")) -> None:
+    """Profile -> plan -> build the bundle for that plan -> smoke-run it, with a summary."""
+    from edge.cli import err, out
+    from edge.deploy import deploy as run_deploy
+    from edge.units import format_bytes, parse_bytes
+
+    try:
+        budget_bytes = None if budget is None else parse_bytes(budget)
+    except ValueError as e:
+        raise EdgeError(f"--budget: {e}") from None
+    with err.status("deploying") as status:
+        p, path, smoke = run_deploy(model, output, device=device, budget_bytes=budget_bytes, context=context,
+                                    force=force, say=lambda msg: status.update(msg))
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in [("device", p.device), ("backend", p.backend + (f", {p.cache_slots_per_layer[0]} experts cached per layer"
+                                                                 if p.cache_slots_per_layer else "")),
+                 ("bundle", f"{format_bytes(size)} ({p.weight_type})"), ("budget", format_bytes(p.budget_bytes)),
+                 ("predicted decode", "unknown" if p.predicted_decode_tok_s is None else f"{p.predicted_decode_tok_s:.2f} tok/s"),
+                 ("smoke run decode", f"{smoke['decode_tok_s']:.2f} tok/s (16 tokens)"),
+                 ("smoke run output", repr(smoke["text"][:60]))]:
+        t.add_row(k, str(v))
+    out.print(t)
+    out.print(f"next: edge run \"...\" -m {path}" + (f" --memory-budget {p.budget_bytes}" if p.backend == "offload" else "")
+              + f"   |   edge bench {path}")
+
+
+def bench(bundle: Path = typer.Argument(..., help="A bundle made by edge deploy."),
+          tokens: int = typer.Option(64, "--tokens", help="Tokens to decode.")) -> None:
+    """Run a deployed bundle as planned; print predicted vs measured speed and memory."""
+    from edge.cli import out
+    from edge.deploy import measure, read_plan
+    from edge.units import format_bytes
+
+    p = read_plan(bundle)
+    got = measure(bundle, p, tokens=tokens)
+    t = Table(title=f"{bundle}: {p.backend} on {p.device}", title_justify="left")
+    for c in ("", "predicted", "measured", "error"):
+        t.add_column(c, justify="right" if c else "left")
+
+    def row(name, pred, meas, fmt):
+        err_pct = "-" if pred is None else f"{(pred - meas) / meas * 100:+.1f}%"
+        t.add_row(name, "unknown" if pred is None else fmt(pred), fmt(meas), err_pct)
+
+    row("decode tokens/s", p.predicted_decode_tok_s, got["decode_tok_s"], lambda v: f"{v:.2f}")
+    row("time to first token s", p.predicted_ttft_s, got["ttft_s"], lambda v: f"{v:.3f}")
+    row("peak memory", p.predicted_peak_bytes, got["peak_rss_bytes"], format_bytes)
+    out.print(t)
