@@ -162,8 +162,8 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     src = resolve(model)
     if src.kind == "bundle":
         return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload or OffloadOptions())
-    if budget is not None:
-        raise EdgeError("--memory-budget runs offload bundles; make one with "
+    if budget is not None or backend == "offload":
+        raise EdgeError("the offload engine (and --memory-budget) runs offload bundles; make one with "
                         "`edge build MODEL --format offload -o DIR`")
     if src.kind == "gguf":
         return _load_gguf(src.path, src.name, backend, n_ctx, n_threads, eos=())

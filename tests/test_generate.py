@@ -91,3 +91,10 @@ def test_backends_agree_through_the_sdk(default_dir):
         a = _text(llama.create_completion("def fibonacci(", max_tokens=32, temperature=0))
         b = _text(ref.create_completion("def fibonacci(", max_tokens=32, temperature=0))
     assert a == b
+
+
+def test_offload_backend_needs_an_offload_bundle(default_dir):
+    with pytest.raises(edge.EdgeError, match="offload bundles"):
+        edge.load(default_dir, backend="offload")
+    with pytest.raises(edge.EdgeError, match="offload bundles"):
+        edge.load(default_dir, memory_budget="1GB")
