@@ -64,8 +64,12 @@ def sequential_read_mb_s(path: Path, nbytes: int = 1 << 30) -> float:
     return got / (time.perf_counter() - t0) / 1e6
 
 
-def run(system: str, path: Path, cap: int | None, tokens: int, threads: int, opts: dict | None = None) -> dict:
-    drop_caches()
+def run(system: str, path: Path, cap: int | None, tokens: int, threads: int, opts: dict | None = None,
+        *, cold: bool = True) -> dict:
+    """One decode run of _decode_one.py in a fresh process inside a cap (None: no limit);
+    ``cold`` drops the page cache first."""
+    if cold:
+        drop_caches()
     argv = [sys.executable, str(HERE / "_decode_one.py"), system, str(path), str(tokens), str(threads)]
     if opts is not None:
         argv.append(json.dumps(opts))

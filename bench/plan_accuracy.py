@@ -13,7 +13,6 @@ The last line is machine-readable: max_error_pct=<largest |predicted - measured|
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,8 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from cgroup import MemoryCap, drop_caches  # noqa: E402
-from offload import ensure_inputs  # noqa: E402
+from offload import ensure_inputs, run  # noqa: E402
 
 import edge  # noqa: E402
 from edge.bundle import read_manifest  # noqa: E402
@@ -35,15 +33,12 @@ MiB = 1 << 20
 
 
 def measure(bundle: Path, budget: int | None, opts: dict, tokens: int, threads: int, cold: bool) -> float:
-    if cold:
-        drop_caches()
-    argv = [sys.executable, str(HERE / "_decode_one.py"), "edge", str(bundle), str(tokens), str(threads),
-            json.dumps(dict(opts, memory_budget=budget) if budget else opts)]
-    with MemoryCap(budget if cold else None) as cap:
-        proc = cap.run(argv, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{bundle.name}: {proc.stderr[-400:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["decode_tok_s"]
+    """Offload plans run cold inside a cap equal to their budget; llama.cpp plans warm, uncapped."""
+    result = run("edge", bundle, budget if cold else None, tokens, threads,
+                 dict(opts, memory_budget=budget) if budget else opts, cold=cold)
+    if "failed" in result:
+        raise RuntimeError(f"{bundle.name}: {result['failed']}")
+    return result["decode_tok_s"]
 
 
 def main() -> None:

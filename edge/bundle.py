@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge import __version__
 from edge.cache import cache_dir
-from edge.errors import BundleError, field_error
+from edge.errors import BundleError, field_error, read_json_object
 from edge.spec import ModelSpec
 
 SCHEMA_VERSION = 1
@@ -75,12 +75,9 @@ def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} is not an edge bundle (no {MANIFEST})")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        found = data.get("schema_version") if isinstance(data, dict) else None
+    data = read_json_object(path, BundleError)
+    if data.get("schema_version") != SCHEMA_VERSION:
+        found = data.get("schema_version")
         raise BundleError(f"{path}: schema version {found!r} is not supported (this edge reads {SCHEMA_VERSION})")
     try:
         return Manifest.model_validate(data)

@@ -21,6 +21,19 @@ class BundleError(EdgeError):
     """An edge bundle is missing, incomplete or fails verification."""
 
 
+def read_json_object(path, error: type[EdgeError]) -> dict:
+    """A JSON file that must hold an object; anything else is ``error`` with a one-line message."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object")
+    return data
+
+
 def field_error(where: str, exc) -> str:
     """One line for the first problem in a pydantic ValidationError: "<where>: field 'a.b': <msg>"."""
     first = exc.errors()[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import ModelFormatError, UnsupportedModelError
+from edge.errors import ModelFormatError, UnsupportedModelError, read_json_object
 from edge.formats import safetensors_io as st
 from edge.runtime.weights import LayerWeights, ModelWeights
 from edge.spec import ARCHITECTURES, ModelSpec
@@ -25,13 +25,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ModelFormatError(f"{model_dir} has no config.json (expected a Hugging Face checkpoint folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ModelFormatError(f"{cfg_path} is not a JSON object")
-    return cfg
+    return read_json_object(cfg_path, ModelFormatError)
 
 
 def tensor_index(model_dir: Path) -> dict[str, st.TensorInfo]:

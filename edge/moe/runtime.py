@@ -14,7 +14,6 @@ from edge.moe.engine import OffloadConfig, OffloadEngine
 from edge.moe.sizing import offload_plan
 from edge.moe.store import ExpertStore, StoreIndex
 from edge.runtime import ggml
-from edge.units import format_bytes
 
 # Headroom under the budget for what RSS cannot show ahead: allocator slack, Python objects,
 # per-token activations, and the page cache of the code we run. Without swap, a process whose
@@ -67,7 +66,3 @@ def _drop_page_cache(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def describe(engine: OffloadEngine) -> str:
-    return (f"offload: {sum(engine.config.slots)} expert slots ({format_bytes(engine.cache_bytes)}), "
-            f"slots per layer {list(engine.config.slots)}")
