@@ -22,12 +22,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from cgroup import drop_caches  # noqa: E402
 from offload import ensure_inputs, run  # noqa: E402
 
 import edge  # noqa: E402
 from edge.bundle import read_manifest  # noqa: E402
 from edge.planner import plan  # noqa: E402
-from edge.profile import cached_profile  # noqa: E402
+from edge.profile import at_bundle, cached_profile  # noqa: E402
 
 MiB = 1 << 20
 
@@ -71,8 +72,13 @@ def main() -> None:
     rows, worst = [], 0.0
     for label, bundle, budget, bits, backend, opts in cases:
         m = read_manifest(bundle)
-        p = plan(m.spec, device, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
-                 policy_hit=(m.locality or {}).get("policy_hit"), model_name=bundle.name, backend=backend)
+        if backend == "offload":  # as edge plan/deploy do: the read speed of this bundle's own store
+            drop_caches()
+            dev = at_bundle(device, bundle)
+        else:
+            dev = device
+        p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
+                 locality=m.locality, model_name=bundle.name, backend=backend)
         got = statistics.median(measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
                                 for _ in range(args.runs))
         err = abs(p.predicted_decode_tok_s - got) / got * 100

@@ -79,15 +79,17 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
 
     src = resolve(model)
     spec = read_spec(src)
-    policy_hit = None
+    locality = None
     if src.kind == "bundle":
         from edge.bundle import read_manifest
 
-        policy_hit = (read_manifest(src.path).locality or {}).get("policy_hit")
+        locality = read_manifest(src.path).locality
     if device == "auto":
-        from edge.profile import cached_profile
+        from edge.profile import at_bundle, cached_profile
 
         prof = cached_profile()
+        if locality is not None:  # an offload bundle here: time reads of its own expert store
+            prof = at_bundle(prof, src.path)
     else:
         from edge.devices import device_profile
 
@@ -96,7 +98,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         budget_bytes = None if budget is None else parse_bytes(budget)
     except ValueError as e:
         raise EdgeError(f"--budget: {e}") from None
-    p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, policy_hit=policy_hit,
+    p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, locality=locality,
                   model_name=src.name, backend=backend)
     if as_json:
         out.print_json(json.dumps(asdict(p)))

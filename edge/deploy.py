@@ -37,8 +37,12 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
         final = first
     else:
         edge.build(src.path, out, format="offload", force=force, progress=say)
-        hit = (read_manifest(out).locality or {}).get("policy_hit")  # now measured: plan again with it
-        final = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, policy_hit=hit)
+        loc = read_manifest(out).locality  # now measured: plan again with it, and the store's read speed
+        if device == "auto":
+            from edge.profile import at_bundle
+
+            prof = at_bundle(prof, out)
+        final = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, locality=loc)
     (out / PLAN_FILE).write_text(json.dumps(asdict(final), indent=2) + "\n")
     say("smoke run")
     smoke = measure(out, final, tokens=16)

@@ -63,12 +63,13 @@ def _stream_bytes_per_s(device: HardwareProfile) -> tuple[float | None, str]:
 
 
 def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None = None, context: int = 2048,
-         bits: int = 4, policy_hit: list[float] | None = None, model_name: str = "model",
+         bits: int = 4, locality: dict | None = None, model_name: str = "model",
          backend: str = "auto") -> Plan:
     """Choose a backend and its settings; predict speed and peak memory; refuse with numbers.
 
-    ``policy_hit``: layer-mean hit rate of the engine's cache policy for C = 1..E, replayed on the
-    model's calibration trace (an offload bundle's manifest has it); without it, uniform routing."""
+    ``locality``: an offload bundle's measured locality (manifest): expert loads per token of the
+    engine (cache policy + prefetcher) replayed on the model's calibration trace for C = 1..E slots
+    per layer, or the policy's hit rates from older bundles; without it, uniform routing."""
     if bits not in (2, 3, 4):
         raise EdgeError(f"plans use 2..4-bit experts, not {bits}")
     if backend not in ("auto", "llamacpp", "offload"):
@@ -116,8 +117,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     if not read_mbps:
         raise EdgeError(f"device '{device.name}' has no storage read speed to plan offloading with")
     per_layer = min(E, int(room // slot) // L)
-    hit = policy_hit[per_layer - 1] if policy_hit else per_layer / E
-    loads = L * K * (1 - hit)
+    loads, loads_why = _loads_per_token(locality or {}, per_layer, L, E, K)
     layout_share = bits / 8.5  # a b-bit prefix of an 8.5-bit-per-weight record
     read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * layout_share
     convert_s = slot / (device.convert_mbps * 1e6) if device.convert_mbps else 0.0
@@ -136,8 +136,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
                 f"cache: {per_layer} of {E} experts per layer ({format_bytes(per_layer * L * slot)}) after "
                 f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
-                f"hit rate {hit:.2f} ({'the cache policy replayed on the model trace' if policy_hit else 'uniform routing: no trace'})"
-                f" -> {loads:.1f} expert loads per token",
+                f"{loads:.1f} expert loads per token ({loads_why})",
                 f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
                 + " + checksum"
                 + (f" + conversion at {device.convert_mbps:.0f} MB/s" if device.convert_mbps else "")
@@ -148,6 +147,16 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                 (per_layer,) * L, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons))
+
+
+def _loads_per_token(locality: dict, slots: int, L: int, E: int, K: int) -> tuple[float, str]:
+    replayed = locality.get("loads_per_token")
+    if replayed and replayed[slots - 1] is not None:
+        return replayed[slots - 1], "the engine's cache policy and prefetcher replayed on the model's calibration trace"
+    hits = locality.get("policy_hit")
+    if hits:
+        return L * K * (1 - hits[slots - 1]), f"hit rate {hits[slots - 1]:.2f} of the cache policy on the model's trace"
+    return L * K * (1 - slots / E), f"hit rate {slots / E:.2f}: uniform routing assumed, no trace"
 
 
 def _fixed(per_layer_us: float | None, n_layers: int, who: str) -> tuple[float, str]:

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 
 from edge.cache import cache_dir
+from edge.errors import EdgeError
 from edge.memory import cgroup_memory
 
 PROFILE_TTL_S = 24 * 3600
@@ -107,67 +108,124 @@ def memory_bandwidth_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
 
 
 def storage_speeds(directory: Path, nbytes: int = 256 << 20, rand_seconds: float = 1.0) -> dict[str, float | None]:
-    """Sequential (O_DIRECT and buffered-cold) and random 4 KiB read speeds at ``directory``."""
+    """Write a scratch file of incompressible data at ``directory`` and time reads of it (see
+    :func:`read_speeds`)."""
     from edge.moe.store import aligned_buffer
 
     path = Path(directory) / f".edge-profile-{os.getpid()}.tmp"
     block = 4 << 20
     buf = aligned_buffer(block)
     buf[:] = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8)  # not compressible
-    out: dict[str, float | None] = {"seq": None, "buffered": None, "rand": None, "chunk": None, "latency": None}
     try:
         with open(path, "wb") as f:
             for _ in range(nbytes // block):
                 f.write(buf)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            direct = True
-        except OSError:
-            fd, direct = os.open(path, os.O_RDONLY), False
-        try:
-            if direct:
-                t0 = time.perf_counter()
-                for off in range(0, nbytes, block):
-                    os.preadv(fd, [buf], off)
-                out["seq"] = nbytes / (time.perf_counter() - t0) / 1e6
-                small, n, rng = buf[:4096], 0, np.random.default_rng(1)
-                offsets = rng.integers(0, nbytes // 4096, 1 << 16) * 4096
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < rand_seconds and n < len(offsets):
-                    os.preadv(fd, [small], int(offsets[n]))
-                    n += 1
-                out["rand"] = n * 4096 / (time.perf_counter() - t0) / 1e6
-                # Expert loads are single 1-5 MiB reads at scattered offsets: fit t = latency + size / bw
-                # from 1 MiB and 4 MiB reads.
-                per = {}
-                for size in (1 << 20, block):
-                    offs = rng.integers(0, nbytes // block, 24) * block
-                    t0 = time.perf_counter()
-                    for off in offs:
-                        os.preadv(fd, [buf[:size]], int(off))
-                    per[size] = (time.perf_counter() - t0) / len(offs)
-                slope = max((per[block] - per[1 << 20]) / (block - (1 << 20)), 1e-12)
-                out["chunk"] = 1 / slope / 1e6
-                out["latency"] = max(per[1 << 20] - (1 << 20) * slope, 0.0) * 1e3
-        finally:
-            os.close(fd)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # our own file: cold without root
-            t0 = time.perf_counter()
-            while os.read(fd, block):
-                pass
-            out["buffered"] = nbytes / (time.perf_counter() - t0) / 1e6
-        finally:
-            os.close(fd)
+        return read_speeds(path, rand_seconds)
     finally:
         path.unlink(missing_ok=True)
+
+
+def read_speeds(path: Path, rand_seconds: float = 1.0, *, huge_pages: bool = True) -> dict[str, float | None]:
+    """Read speeds of an existing file, MB/s: O_DIRECT sequential 4 MiB reads ("seq"), random
+    4 KiB reads ("rand"), scattered 1 and 4 MiB reads fitted to bandwidth + latency ("chunk",
+    "latency" in ms), and buffered sequential reads after dropping the file's pages ("buffered").
+    The O_DIRECT buffer is huge-page backed, as the offload engine's are (``huge_pages=False``:
+    4 KiB pages, as ``dd`` uses)."""
+    from edge.moe.store import aligned_buffer
+
+    block = 4 << 20
+    nbytes = os.path.getsize(path) // block * block
+    if nbytes == 0:
+        raise EdgeError(f"{path}: too small to time reads of ({os.path.getsize(path):,} bytes; needs 4 MiB)")
+    buf = aligned_buffer(block, huge=huge_pages)
+    out: dict[str, float | None] = {"seq": None, "buffered": None, "rand": None, "chunk": None, "latency": None}
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        direct = True
+    except OSError:
+        fd, direct = os.open(path, os.O_RDONLY), False
+    try:
+        if direct:
+            t0 = time.perf_counter()
+            for off in range(0, nbytes, block):
+                os.preadv(fd, [buf], off)
+            out["seq"] = nbytes / (time.perf_counter() - t0) / 1e6
+            small, n, rng = buf[:4096], 0, np.random.default_rng(1)
+            offsets = rng.integers(0, nbytes // 4096, 1 << 16) * 4096
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < rand_seconds and n < len(offsets):
+                os.preadv(fd, [small], int(offsets[n]))
+                n += 1
+            out["rand"] = n * 4096 / (time.perf_counter() - t0) / 1e6
+            # Expert loads are single 1-5 MiB reads at scattered offsets.
+            offs = (rng.integers(0, nbytes // block, 64) * block).tolist()
+            out["chunk"], out["latency"] = scattered_read_fit(fd, offs, (1 << 20, block), buf)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold without root (pages we may drop)
+        t0 = time.perf_counter()
+        got, plain = 0, np.empty(block, np.uint8)  # one reused buffer: no page faults of fresh ones
+        while got < nbytes and (n := os.readv(fd, [plain])):
+            got += n
+        out["buffered"] = got / (time.perf_counter() - t0) / 1e6
+    finally:
+        os.close(fd)
     return out
 
 
-def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 3) -> float:
+def scattered_read_fit(fd: int, offsets: list[int], sizes: tuple[int, int], buf: np.ndarray) -> tuple[float, float]:
+    """Fit t = latency + size / bandwidth to O_DIRECT reads of two sizes at the given (aligned)
+    offsets, alternating sizes read by read so that both see the same disk state; medians, not
+    means, so one stalled read does not move the fit. Returns (MB/s, latency ms)."""
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for i, off in enumerate(offsets):
+        size = sizes[i % 2]
+        t0 = time.perf_counter()
+        os.preadv(fd, [buf[:size]], off)
+        times[size].append(time.perf_counter() - t0)
+    (s0, t0), (s1, t1) = sorted((size, statistics.median(ts)) for size, ts in times.items())
+    slope = max((t1 - t0) / (s1 - s0), 1e-12)
+    return 1 / slope / 1e6, max(t0 - s0 * slope, 0.0) * 1e3
+
+
+def store_read_speed(bundle: Path, reads: int = 48) -> tuple[float, float] | None:
+    """Scattered O_DIRECT reads of an offload bundle's own expert store, as the engine reads it
+    (record starts, 2- and 4-bit prefixes): (MB/s, latency ms), or None where O_DIRECT is refused.
+    Storage speed depends on where the file lives (and on a VM, on what the host still caches),
+    so a plan for a bundle on this device uses this rather than the profile's scratch file."""
+    from edge.bundle import read_manifest
+    from edge.moe.store import ExpertStore, StoreIndex, aligned_buffer
+
+    index = StoreIndex.from_dict(read_manifest(bundle).experts)
+    store = ExpertStore(Path(bundle) / "experts.bin", index, mode="auto")
+    try:
+        if store.mode != "direct":
+            return None
+        sizes = (store.read_bytes(2), store.read_bytes(4))
+        buf = aligned_buffer(max(sizes))
+        rng = np.random.default_rng()
+        n = index.n_layers * index.n_experts
+        offs = [index.offset(int(r) // index.n_experts, int(r) % index.n_experts) for r in rng.integers(0, n, reads)]
+        return scattered_read_fit(store._fd, offs, sizes, buf)
+    finally:
+        store.close()
+
+
+def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
+    """This device's profile with its scattered-read figures measured on ``bundle``'s expert store."""
+    speed = store_read_speed(bundle)
+    if speed is None or profile.source != "measured":
+        return profile
+    return HardwareProfile.from_dict(profile.to_dict() | {
+        "storage_chunk_read_mbps": round(speed[0]), "storage_chunk_latency_ms": round(speed[1], 3),
+        "storage_path": str(Path(bundle) / "experts.bin")})
+
+
+def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:
     """ggml matrix-vector throughput (2 flops per weight), all cores, over ``n_mats`` matrices used
     in turn: their total (about 120 MB at Q4_1) exceeds any CPU cache, so this is the rate at which
     weights stream from DRAM, as in decoding a model — one cache-resident matrix would measure the
@@ -181,10 +239,10 @@ def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12
     mem = np.empty(4 << 20, np.uint8)
     threads = os.cpu_count() or 1
 
-    def run():
-        for w in ws:
-            g = ggml.Graph(buffer=mem)
-            g.compute([g.matmul(w, g.input(x))], threads)
+    def run():  # one graph for all: the fixed cost per graph is measured apart (ggml_call_us)
+        g = ggml.Graph(buffer=mem)
+        xi = g.input(x)
+        g.compute([g.matmul(w, xi) for w in ws], threads)
 
     run()
     return 2 * rows * cols * n_mats / _median_time(run, reps) / 1e9
@@ -218,7 +276,7 @@ def convert_mbps(reps: int = 10) -> float:
     return q4_1_bytes(layout) / _median_time(lambda: to_q4_1(record, layout, 4, out=out), reps) / 1e6
 
 
-def llama_layer_us(tokens: int = 64) -> float | None:
+def llama_layer_us(tokens: int = 128) -> float | None:
     """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
     1.2 MB touched per token: nearly all of its decode time is this fixed cost)."""
     from edge.formats.gguf_write import write_gguf
@@ -232,22 +290,22 @@ def llama_layer_us(tokens: int = 64) -> float | None:
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         write_gguf(load_weights(d), d / "tokenizer.json", tmp, outtype="q8_0", bos_id=0, eos_id=0)
         os.replace(tmp, path)
-    be = LlamaCppBackend(path, n_ctx=128, n_threads=os.cpu_count() or 1)
+    be = LlamaCppBackend(path, n_ctx=256, n_threads=os.cpu_count() or 1)
     try:
         logits = be.eval([1, 2, 3, 4])
         batches = []
-        for _ in range(5):
+        for _ in range(8):
             t0 = time.perf_counter()
-            for _ in range(tokens // 4):
+            for _ in range(tokens // 8):
                 logits = be.eval([int(np.argmax(logits))])
-            batches.append((time.perf_counter() - t0) / (tokens // 4))
+            batches.append((time.perf_counter() - t0) / (tokens // 8))
         per_token = statistics.median(batches)
     finally:
         be.close()
     return per_token / 4 * 1e6  # the default model has 4 layers
 
 
-def offload_layer_us(tokens: int = 64) -> float:
+def offload_layer_us(tokens: int = 128) -> float:
     """The offload engine's fixed cost per layer per decoded token: the embedded default model
     (4 layers, every expert resident, so no loads) decoding ``tokens`` tokens."""
     import edge
@@ -255,7 +313,7 @@ def offload_layer_us(tokens: int = 64) -> float:
     bundle = cache_dir() / "profile-default-offload"
     if not (bundle / "manifest.json").is_file():
         edge.build(None, bundle, format="offload", force=True)
-    with edge.load(bundle, n_ctx=128) as m:  # prefetch on, as the engine runs by default
+    with edge.load(bundle, n_ctx=256) as m:  # prefetch on, as the engine runs by default
         be = m.backend
         logits = be.eval([1, 2, 3, 4])
         for _ in range(4):  # every expert resident before timing
@@ -265,11 +323,11 @@ def offload_layer_us(tokens: int = 64) -> float:
                 if e not in be.caches[layer].slot_of:
                     be._load(layer, e, set(), "main")
         batches = []
-        for _ in range(5):  # median of 5 batches: thread hand-offs make single batches noisy
+        for _ in range(8):  # median of 8 batches: thread hand-offs make single batches noisy
             t0 = time.perf_counter()
-            for _ in range(tokens // 4):
+            for _ in range(tokens // 8):
                 logits = be.eval([int(np.argmax(logits))])
-            batches.append((time.perf_counter() - t0) / (tokens // 4))
+            batches.append((time.perf_counter() - t0) / (tokens // 8))
         per_token = statistics.median(batches)
     return per_token / 4 * 1e6
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.errors import EdgeError
-from edge.moe.cache import allocate_slots, hebf_bits, simulate
+from edge.moe.cache import allocate_slots, hebf_bits, prefetch_guess, simulate, simulate_engine
 from edge.moe.sizing import offload_plan
 
 
@@ -56,3 +56,27 @@ def test_plan_refuses_impossible_budgets_with_numbers():
                                fixed_bytes=100 << 20, sch_curves=None, hotness=None, bits=4, min_bits=2,
                                pin_bits=True)
     assert sum(slots) <= 10 and min(slots) >= 2 and (bits == 4).all()
+
+
+def test_engine_replay_counts_the_prefetchers_wrong_guesses():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.full(8, 0.4))
+    ids = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(300)])
+    for c in (2, 4, 6):
+        plain = (1 - simulate(ids, 8, c, "locality")) * 2  # demand misses per token
+        right = simulate_engine(ids, ids, 8, c, "locality")  # the prefetcher always guesses right
+        wrong = simulate_engine(ids, (ids + 4) % 8, 8, c, "locality")  # ... and never
+        assert right == pytest.approx(plain, abs=0.05)
+        assert wrong > right + 0.2  # each wrong guess is a load of its own, and evicts
+        if c == 2:
+            assert wrong > 2 * right
+    full = simulate_engine(ids, (ids + 4) % 8, 8, 8, "locality")
+    assert full * len(ids) == 8  # every expert resident: each loaded once
+
+
+def test_prefetch_guess_is_the_routers_top_k():
+    rng = np.random.default_rng(2)
+    router, h = rng.standard_normal((8, 16)), rng.standard_normal((1, 16))
+    norm = np.ones(16)
+    want = np.argsort(-(h / np.sqrt((h**2).mean() + 1e-6)) @ router.T, axis=1)[0, :2]
+    assert prefetch_guess(h, norm, router, 1e-6, 2) == [int(e) for e in want]

@@ -48,7 +48,7 @@ def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
 
 def test_locality_raises_the_predicted_speed(big):
     uniform = plan(big, THIS, budget_bytes=600 << 20, context=512)
-    local = plan(big, THIS, budget_bytes=600 << 20, context=512, policy_hit=[0.3, 0.55, 0.7, 0.8] + [0.9] * 12)
+    local = plan(big, THIS, budget_bytes=600 << 20, context=512, locality={"policy_hit": [0.3, 0.55, 0.7, 0.8] + [0.9] * 12})
     assert local.predicted_decode_tok_s > uniform.predicted_decode_tok_s
 
 

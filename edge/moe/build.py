@@ -10,7 +10,7 @@ import numpy as np
 from edge.bundle import Progress, TokenizerInfo
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
-from edge.moe.cache import simulate
+from edge.moe.cache import prefetch_guess, simulate, simulate_engine
 from edge.moe.locality import sch
 from edge.moe.store import write_store
 from edge.moe.trace import record_trace
@@ -31,15 +31,34 @@ def calibration_tokens(tokenizer: HFTokenizer, n: int = CALIBRATION_TOKENS) -> l
 
 
 def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOCALITY_WINDOW) -> dict:
-    """Route calibration text through the reference engine; keep per-layer SCH curves and hotness."""
-    trace = record_trace(ReferenceEngine(weights, n_ctx=512), tokens, window=512)
-    E = weights.spec.n_experts
+    """Route calibration text through the reference engine; keep per-layer SCH curves, hotness, the
+    online policy's hit rates and the offload engine's expert loads per token (prefetch included)."""
+    s = weights.spec
+    engine = ReferenceEngine(weights, n_ctx=512)
+    guesses: list[list[list[int]]] = [[] for _ in range(s.n_layers)]
+
+    def on_stream(i: int, x: np.ndarray) -> None:  # the prefetcher's guess for layer i + 1, per token
+        if i + 1 < s.n_layers:
+            lw = weights.layers[i + 1]
+            guesses[i + 1] += [prefetch_guess(x[t : t + 1], lw.ffn_norm, lw.router, s.rms_norm_eps, s.top_k)
+                               for t in range(len(x))]
+
+    engine.stream_observers.append(on_stream)
+    trace = record_trace(engine, tokens, window=512)
+    E = s.n_experts
     curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(trace.n_layers)]
     # What the engine's default online policy achieves (first uses count as misses): the planner
     # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
     online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
               for c in range(1, E + 1)]
+    # Layer 0 is guessed from the token embeddings.
+    guesses[0] = [prefetch_guess(weights.embed[t][None], weights.layers[0].ffn_norm, weights.layers[0].router,
+                                 s.rms_norm_eps, s.top_k) for t in tokens[: trace.n_tokens]]
+    g = [np.asarray(x) for x in guesses]
+    loads = [round(float(sum(simulate_engine(trace.layer(i), g[i], E, c, "locality") for i in range(trace.n_layers))), 4)
+             for c in range(s.top_k, E + 1)]
     return {"window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
+            "loads_per_token": [None] * (s.top_k - 1) + loads,
             "hotness": trace.hotness().round(5).tolist()}
 
 

@@ -73,6 +73,47 @@ def simulate(ids: np.ndarray, n_experts: int, capacity: int, policy: str, window
     return hits / max(1, T * K)
 
 
+def prefetch_guess(h: np.ndarray, ffn_norm: np.ndarray, router: np.ndarray, eps: float, k: int) -> list[int]:
+    """The offload prefetcher's guess of a layer's experts from the residual stream ``h`` [T, D]
+    entering it: the layer's router on its normalized input, best score over the batch, top k."""
+    from edge.runtime.reference import rms_norm
+
+    scores = (rms_norm(h, ffn_norm, eps) @ router.T).max(axis=0)
+    return [int(e) for e in np.argsort(-scores, kind="stable")[:k]]
+
+
+def simulate_engine(ids: np.ndarray, guesses: np.ndarray, n_experts: int, capacity: int, policy: str,
+                    window: int = 16) -> float:
+    """Expert loads per decoded token of one layer of the offload engine, replayed on a trace: per
+    token, first the prefetcher loads its guesses [T, K] that are not resident (evicting by the
+    policy, sparing the guesses), then the routed experts ids [T, K] that are still missing (sparing
+    that token's experts). A wrong guess costs a load and may evict an expert needed later, which
+    the plain hit rate of :func:`simulate` does not see."""
+    T, K = ids.shape
+    pol = Policy(policy, n_experts, window)
+    resident: list[int] = []
+    loads = 0
+
+    def bring(e: int, spare: set[int]) -> None:
+        nonlocal loads
+        if e in resident:
+            return
+        if len(resident) >= capacity:
+            resident.remove(pol.victim([r for r in resident if r not in spare] or resident))
+        resident.append(e)
+        loads += 1
+
+    for t in range(T):
+        want = [int(e) for e in guesses[t][:capacity]]
+        for e in want:
+            bring(e, set(want))
+        experts = tuple(int(e) for e in ids[t])
+        pol.on_token(experts)
+        for e in experts:
+            bring(e, set(experts))
+    return loads / max(1, T)
+
+
 def policy_hit_rates(trace, capacity: int) -> dict[str, float]:
     """Layer-mean hit rate of each online policy and of Belady's oracle for a RoutingTrace."""
     names = (*POLICIES, "belady")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from edge.errors import EdgeError
-from edge.moe.cache import Policy
+from edge.moe.cache import Policy, prefetch_guess
 from edge.moe.store import ExpertStore, aligned_buffer
 from edge.quant.nested import to_q4_1
 from edge.runtime import ggml
@@ -190,9 +190,7 @@ class OffloadEngine:
         if self._pool is None or layer >= self.spec.n_layers or layer in self._pending or h.shape[0] != 1:
             return  # decode only: a prompt's many tokens need most experts anyway
         lw = self.layers[layer]
-        probs = rms_norm(h, lw["ffn_norm"], self.spec.rms_norm_eps) @ lw["router"].T  # [T, E]
-        ranked = np.argsort(-probs.max(axis=0), kind="stable")  # best score over the batch
-        guess = [int(e) for e in ranked[: self.spec.top_k]]
+        guess = prefetch_guess(h, lw["ffn_norm"], lw["router"], self.spec.rms_norm_eps, self.spec.top_k)
         if all(e in self.caches[layer].slot_of for e in guess):
             return  # nothing to load: skip the thread hand-off (it costs more than the check)
         self._pending[layer] = self._pool.submit(self._prefetch, layer, guess)

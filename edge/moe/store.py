@@ -83,11 +83,27 @@ def write_store(path: Path, layout: NestedLayout, n_layers: int, n_experts: int,
     return StoreIndex(layout, n_layers, n_experts, stride, tuple(crcs))
 
 
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A uint8 buffer of nbytes whose address is 4 KiB aligned (O_DIRECT needs it)."""
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start : start + nbytes]
+HUGE = 2 << 20  # x86-64 / arm64 transparent huge page
+
+
+def aligned_buffer(nbytes: int, *, huge: bool = True) -> np.ndarray:
+    """A uint8 buffer of nbytes, page aligned (O_DIRECT needs 4 KiB), zero-filled.
+
+    ``huge``: back it with 2 MiB transparent huge pages where the kernel allows (madvise mode is
+    the common default): an O_DIRECT read then pins a few huge pages instead of a thousand small
+    ones, which made 4 MiB reads 20-30% faster on this machine (docs/planner.md)."""
+    import mmap
+
+    pad = HUGE if huge else 0
+    m = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
+    start = (-np.frombuffer(m, np.uint8, count=1).ctypes.data) % (HUGE if huge else ALIGN)
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        try:
+            m.madvise(advice)
+        except OSError:  # a kernel without THP: small pages it is
+            pass
+    return np.frombuffer(m, np.uint8, count=nbytes, offset=start)
 
 
 class ExpertStore:

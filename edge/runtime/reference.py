@@ -101,6 +101,9 @@ class ReferenceEngine:
         self.n_past = 0
         self._inv_freq = rope_inv_freq(s.head_dim, s.rope_theta)
         self.route_observers: list[RouteObserver] = []
+        # Called with (-1, embeddings) and (i, residual stream after layer i's attention): what the
+        # offload engine's prefetcher guesses the next layer's experts from.
+        self.stream_observers: list[Callable[[int, np.ndarray], None]] = []
 
     # -- Backend protocol -------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -115,8 +118,12 @@ class ReferenceEngine:
         x = self.w.embed[ids]  # [T, D]
         pos = np.arange(self.n_past, self.n_past + len(ids))
         cos, sin = rope_tables(self._inv_freq, pos)
+        for observe in self.stream_observers:
+            observe(-1, x)
         for i, layer in enumerate(self.w.layers):
             x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.spec.rms_norm_eps), cos, sin)
+            for observe in self.stream_observers:
+                observe(i, x)
             x = x + self._moe(i, layer, rms_norm(x, layer.ffn_norm, self.spec.rms_norm_eps))
         self.n_past += len(ids)
         h = rms_norm(x if all_logits else x[-1:], self.w.norm, self.spec.rms_norm_eps)
