@@ -9,9 +9,10 @@ Pure: numbers in, numbers out, no I/O. Every predicted figure is a sum of terms 
   (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
 * a fixed cost per layer per token (kernel launches, Python), measured by the profiler on the
   embedded default model for llama.cpp and for the offload engine;
-* offload only: expert loads per token from the engine's cache policy replayed on the model's
-  calibration trace at the planned cache size (uniform routing when no trace exists), each costing
-  its read at the profiler's random 4 MiB read speed plus its conversion into kernel format.
+* offload only: expert loads per token from the engine's cache policy and prefetcher replayed on
+  the model's calibration trace at the planned cache size (uniform routing when no trace exists),
+  each costing its read at the profiler's scattered-read speed (timed on the bundle's own store
+  when planning for a bundle on this device) plus its checksum and conversion into kernel format.
 """
 
 from __future__ import annotations
