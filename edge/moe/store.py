@@ -91,7 +91,7 @@ def aligned_buffer(nbytes: int, *, huge: bool = True) -> np.ndarray:
 
     ``huge``: back it with 2 MiB transparent huge pages where the kernel allows (madvise mode is
     the common default): an O_DIRECT read then pins a few huge pages instead of a thousand small
-    ones, which made 4 MiB reads 20-30% faster on this machine (docs/planner.md)."""
+    ones, which made 4 MiB reads 1.2-2.6x faster on this machine (docs/planner.md)."""
     import mmap
 
     pad = HUGE if huge else 0
@@ -133,7 +133,7 @@ class ExpertStore:
         self.bytes_read = 0
 
     def _probe(self) -> None:
-        buf = aligned_buffer(ALIGN)
+        buf = aligned_buffer(ALIGN, huge=False)
         os.preadv(self._fd, [buf], 0)
 
     def read_bytes(self, bits: int) -> int:
