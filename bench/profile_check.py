@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cgroup import drop_caches  # noqa: E402
 
 from edge.profile import memory_bandwidth_gbps, read_speeds  # noqa: E402
 
@@ -44,8 +47,7 @@ def dd_read_mbps(path: Path, direct: bool) -> float:
 
 def _drop(path: Path) -> None:
     if os.geteuid() == 0:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_caches()
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -217,8 +217,10 @@ def store_read_speed(bundle: Path, reads: int = 48) -> tuple[float, float] | Non
 
 def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     """This device's profile with its scattered-read figures measured on ``bundle``'s expert store."""
+    if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
+        return profile
     speed = store_read_speed(bundle)
-    if speed is None or profile.source != "measured":
+    if speed is None:
         return profile
     return HardwareProfile.from_dict(profile.to_dict() | {
         "storage_chunk_read_mbps": round(speed[0]), "storage_chunk_latency_ms": round(speed[1], 3),

@@ -37,7 +37,7 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
     engine = ReferenceEngine(weights, n_ctx=512)
     guesses: list[list[list[int]]] = [[] for _ in range(s.n_layers)]
 
-    def on_stream(i: int, x: np.ndarray) -> None:  # the prefetcher's guess for layer i + 1, per token
+    def on_stream(i: int, x: np.ndarray) -> None:  # the prefetcher's guess for layer i + 1 (0: embeddings)
         if i + 1 < s.n_layers:
             lw = weights.layers[i + 1]
             guesses[i + 1] += [prefetch_guess(x[t : t + 1], lw.ffn_norm, lw.router, s.rms_norm_eps, s.top_k)
@@ -51,9 +51,6 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
     # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
     online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
               for c in range(1, E + 1)]
-    # Layer 0 is guessed from the token embeddings.
-    guesses[0] = [prefetch_guess(weights.embed[t][None], weights.layers[0].ffn_norm, weights.layers[0].router,
-                                 s.rms_norm_eps, s.top_k) for t in tokens[: trace.n_tokens]]
     g = [np.asarray(x) for x in guesses]
     loads = [round(float(sum(simulate_engine(trace.layer(i), g[i], E, c, "locality") for i in range(trace.n_layers))), 4)
              for c in range(s.top_k, E + 1)]
