@@ -27,7 +27,7 @@ from offload import ensure_inputs, run  # noqa: E402
 
 import edge  # noqa: E402
 from edge.bundle import read_manifest  # noqa: E402
-from edge.planner import plan  # noqa: E402
+from edge.planner import plan, slots_text  # noqa: E402
 from edge.profile import at_bundle, cached_profile  # noqa: E402
 
 MiB = 1 << 20
@@ -58,7 +58,10 @@ def main() -> None:
         edge.build(None, small_off, format="offload")
     for b in (small_gguf, small_off, synth_gguf, synth_off):  # verify once, before timing
         edge.load(b).close()
-    device = cached_profile()
+    # measured now, as edge deploy does: this VM's speed drifts over hours (the default model's
+    # llama.cpp decode ran at 3,400-4,800 tok/s on different hours of one day), so a day-old
+    # cached profile would test the drift, not the planner
+    device = cached_profile(refresh=True)
     threads = device.cores_physical
     cases = [  # (label, bundle, budget, bits, backend, engine options)
         ("default model, llama.cpp", small_gguf, None, 4, "llamacpp", {}),
@@ -89,7 +92,7 @@ def main() -> None:
           f"median of {args.runs}")
     print(f"{'plan':36s} {'backend':9s} {'slots/layer':>11s} {'predicted tok/s':>15s} {'measured tok/s':>14s} {'error':>7s}")
     for label, backend, slots, pred, got, err in rows:
-        print(f"{label:36s} {backend:9s} {'-' if not slots else slots[0]:>11} {pred:15.2f} {got:14.2f} {err:6.1f}%")
+        print(f"{label:36s} {backend:9s} {slots_text(slots):>11} {pred:15.2f} {got:14.2f} {err:6.1f}%")
     print(f"max_error_pct={worst:.1f}")
 
 

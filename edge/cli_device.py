@@ -73,7 +73,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     from dataclasses import asdict
 
     from edge.cli import out
-    from edge.planner import plan as make_plan
+    from edge.planner import plan as make_plan, slots_text
     from edge.sources import read_spec, resolve
     from edge.units import format_bytes, parse_bytes
 
@@ -105,7 +105,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         return
     out.print(f"[bold]{p.model}[/] on [bold]{p.device}[/], budget {format_bytes(p.budget_bytes)}, context {p.context}")
     out.print(f"  backend {p.backend}, {p.weight_type}, {p.threads} threads"
-              + (f", cache {p.cache_slots_per_layer[0]} experts/layer, prefetch 1 layer" if p.cache_slots_per_layer else ""))
+              + (f", cache {slots_text(p.cache_slots_per_layer)} experts/layer, prefetch 1 layer" if p.cache_slots_per_layer else ""))
     if p.predicted_decode_tok_s is None:
         out.print(f"  predicted: peak memory {format_bytes(p.predicted_peak_bytes)}; speed unknown (see why)")
     else:
@@ -125,6 +125,7 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
     """Profile -> plan -> build the bundle for that plan -> smoke-run it, with a summary."""
     from edge.cli import err, out
     from edge.deploy import deploy as run_deploy
+    from edge.planner import slots_text
     from edge.units import format_bytes, parse_bytes
 
     try:
@@ -138,7 +139,7 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
     t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    for k, v in [("device", p.device), ("backend", p.backend + (f", {p.cache_slots_per_layer[0]} experts cached per layer"
+    for k, v in [("device", p.device), ("backend", p.backend + (f", {slots_text(p.cache_slots_per_layer)} experts cached per layer"
                                                                  if p.cache_slots_per_layer else "")),
                  ("bundle", f"{format_bytes(size)} ({p.weight_type})"), ("budget", format_bytes(p.budget_bytes)),
                  ("predicted decode", "unknown" if p.predicted_decode_tok_s is None else f"{p.predicted_decode_tok_s:.2f} tok/s"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edge.errors import EdgeError
+from edge.moe.sizing import slots_for
 from edge.profile import HardwareProfile
 from edge.spec import ModelSpec
 from edge.units import format_bytes
@@ -29,7 +30,7 @@ BPW = {"q4_1": 5.0, "q8_0": 8.5, "f16": 16.0}
 LLAMA_OVERHEAD_BYTES = 64 << 20  # llama.cpp compute buffers and runtime (measured ~60 MB, docs/offload.md)
 OFFLOAD_RUNTIME_BYTES = 160 << 20  # Python, numpy, ggml, buffers: measured 150-180 MB before slots
 GEMV_SHARE_OF_PEAK = 0.70  # device profiles list peak DRAM bandwidth, not a measured GEMV rate
-CRC_BYTES_PER_S = 4e9  # zlib.crc32 of a loaded record section, measured ~4 GB/s here
+CRC_BYTES_PER_S = 4e9  # zlib.crc32 when a profile has no measured checksum speed (2-4 GB/s here)
 PREFILL_REUSE = 8  # a prompt batch reads each weight once for many tokens; order of magnitude, unvalidated
 
 
@@ -91,7 +92,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
         if not fits:
             raise EdgeError(f"needs {format_bytes(whole)} to run whole with llama.cpp at 4 bits; budget is "
                             f"{format_bytes(budget)} (use the offload backend)")
-        active = spec.dense_params * q4 + experts_q4 * K / E
+        active = spec.decode_bytes(BPW["q4_1"], BPW["q4_1"])
         reasons.append(f"fits: {format_bytes(whole)} (weights {format_bytes(whole - kv16 - LLAMA_OVERHEAD_BYTES)}, "
                        f"KV for {context} tokens {format_bytes(kv16)}, runtime {format_bytes(LLAMA_OVERHEAD_BYTES)}) "
                        f"<= budget {format_bytes(budget)} -> llama.cpp runs it whole, memory-mapped")
@@ -117,29 +118,31 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
     if not read_mbps:
         raise EdgeError(f"device '{device.name}' has no storage read speed to plan offloading with")
-    per_layer = min(E, int(room // slot) // L)
-    loads, loads_why = _loads_per_token(locality or {}, per_layer, L, E, K)
+    locality = locality or {}
+    slots = slots_for(int(room // slot), L, E, K, locality.get("sch"))  # as the engine will size them
+    loads, loads_why = _loads_per_token(locality, slots, L, E, K)
+    cache_why = f"{slots_text(slots)} of {E}"
     layout_share = bits / 8.5  # a b-bit prefix of an 8.5-bit-per-weight record
     read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * layout_share
     convert_s = slot / (device.convert_mbps * 1e6) if device.convert_mbps else 0.0
     latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
-    crc_s = read_bytes / CRC_BYTES_PER_S
+    crc_s = read_bytes / (device.checksum_mbps * 1e6 if device.checksum_mbps else CRC_BYTES_PER_S)
     load_s = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
-    active = spec.dense_params * q8 + experts_q4 * K / E
+    active = spec.decode_bytes(BPW["q8_0"], BPW["q4_1"])
     fixed_s, fixed_why = _fixed(device.offload_layer_us, L, "the offload engine")
-    peak = fixed_bytes + per_layer * L * slot + (48 << 20)
+    peak = fixed_bytes + sum(slots) * slot + (48 << 20)
     if stream is None:
         reasons.append(f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts; "
-                       f"cache {per_layer} of {E} experts per layer, {loads:.1f} loads per token")
+                       f"cache {cache_why} experts per layer, {loads:.1f} loads per token")
         return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                    (per_layer,) * L, 1, int(peak), None, None, None, tuple(reasons))
+                    slots, 1, int(peak), None, None, None, tuple(reasons))
     step = active / stream + fixed_s + loads * load_s
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
-                f"cache: {per_layer} of {E} experts per layer ({format_bytes(per_layer * L * slot)}) after "
+                f"cache: {cache_why} experts per layer ({sum(slots)} slots, {format_bytes(sum(slots) * slot)}) after "
                 f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
                 f"{loads:.1f} expert loads per token ({loads_why})",
                 f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
-                + " + checksum"
+                + (f" + checksum at {device.checksum_mbps:.0f} MB/s" if device.checksum_mbps else " + checksum")
                 + (f" + conversion at {device.convert_mbps:.0f} MB/s" if device.convert_mbps else "")
                 + f" = {load_s * 1e3:.1f} ms",
                 f"decode: {active / stream * 1e3:.1f} ms weights + {fixed_why} + {loads * load_s * 1e3:.0f} ms "
@@ -147,17 +150,29 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     prefill = 1 / (active / stream / PREFILL_REUSE + fixed_s)
     ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                (per_layer,) * L, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons))
+                slots, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons))
 
 
-def _loads_per_token(locality: dict, slots: int, L: int, E: int, K: int) -> tuple[float, str]:
+def slots_text(slots: tuple[int, ...] | None) -> str:
+    """'3' for a uniform cache, '2-3' when layers differ."""
+    if not slots:
+        return "-"
+    return str(slots[0]) if min(slots) == max(slots) else f"{min(slots)}-{max(slots)}"
+
+
+def _loads_per_token(locality: dict, slots: tuple[int, ...], L: int, E: int, K: int) -> tuple[float, str]:
+    per_layer = locality.get("layer_loads_per_token")
+    if per_layer:
+        return (sum(row[c - 1] for row, c in zip(per_layer, slots)),
+                "the engine's cache policy and prefetcher replayed on the model's calibration trace, per layer")
+    c = sum(slots) // L  # older bundles: one figure per uniform cache size
     replayed = locality.get("loads_per_token")
-    if replayed and replayed[slots - 1] is not None:
-        return replayed[slots - 1], "the engine's cache policy and prefetcher replayed on the model's calibration trace"
+    if replayed and replayed[c - 1] is not None:
+        return replayed[c - 1], f"the engine replayed on the model's calibration trace at {c} slots per layer"
     hits = locality.get("policy_hit")
     if hits:
-        return L * K * (1 - hits[slots - 1]), f"hit rate {hits[slots - 1]:.2f} of the cache policy on the model's trace"
-    return L * K * (1 - slots / E), f"hit rate {slots / E:.2f}: uniform routing assumed, no trace"
+        return L * K * (1 - hits[c - 1]), f"hit rate {hits[c - 1]:.2f} of the cache policy on the model's trace"
+    return L * K * (1 - c / E), f"hit rate {c / E:.2f}: uniform routing assumed, no trace"
 
 
 def _fixed(per_layer_us: float | None, n_layers: int, who: str) -> tuple[float, str]:

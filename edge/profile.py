@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class HardwareProfile:
     gpu: str | None
     ort_providers: tuple[str, ...]
     llama_rpc: bool
+    checksum_mbps: float | None = None  # zlib.crc32 over an expert record, MB/s (None: not measured)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -192,14 +194,17 @@ def scattered_read_fit(fd: int, offsets: list[int], sizes: tuple[int, int], buf:
     return 1 / slope / 1e6, max(t0 - s0 * slope, 0.0) * 1e3
 
 
-def store_read_speed(bundle: Path, reads: int = 48) -> tuple[float, float] | None:
-    """Scattered O_DIRECT reads of an offload bundle's own expert store, as the engine reads it
-    (record starts, 2- and 4-bit prefixes): (MB/s, latency ms), or None where O_DIRECT is refused.
-    Storage speed depends on where the file lives (and on a VM, on what the host still caches),
-    so a plan for a bundle on this device uses this rather than the profile's scratch file."""
+def store_load_costs(bundle: Path, reads: int = 48, records: int = 16) -> dict[str, float] | None:
+    """What one expert load costs on an offload bundle's own store, step by step as the engine does
+    it: scattered O_DIRECT reads at record starts (2- and 4-bit prefixes, fitted to latency +
+    bandwidth), the checksum of a 4-bit prefix, and its conversion into a Q4_1 slot. The record
+    shapes matter: a real expert (megabytes) converts at half the speed of a cache-sized one.
+    None where O_DIRECT is refused."""
     from edge.bundle import read_manifest
     from edge.moe.store import ExpertStore, StoreIndex, aligned_buffer
+    from edge.quant.nested import q4_1_bytes, to_q4_1
 
+    bundle = Path(bundle)
     index = StoreIndex.from_dict(read_manifest(bundle).experts)
     store = ExpertStore(Path(bundle) / "experts.bin", index, mode="auto")
     try:
@@ -209,21 +214,38 @@ def store_read_speed(bundle: Path, reads: int = 48) -> tuple[float, float] | Non
         buf = aligned_buffer(max(sizes))
         rng = np.random.default_rng()
         n = index.n_layers * index.n_experts
-        offs = [index.offset(int(r) // index.n_experts, int(r) % index.n_experts) for r in rng.integers(0, n, reads)]
-        return scattered_read_fit(store._fd, offs, sizes, buf)
+        picks = [(int(r) // index.n_experts, int(r) % index.n_experts) for r in rng.integers(0, n, max(reads, records))]
+        mbps, latency = scattered_read_fit(store._fd, [index.offset(*p) for p in picks[:reads]], sizes, buf)
+        layout = index.layout
+        out, scratch = np.empty(q4_1_bytes(layout), np.uint8), np.empty(layout.n_weights, np.uint8)
+        crc, conv = [], []
+        for layer, expert in picks[:records]:
+            view = buf[: sizes[1]]
+            os.preadv(store._fd, [view], index.offset(layer, expert))
+            t0 = time.perf_counter()
+            store._verify(layer, expert, 4, view)
+            t1 = time.perf_counter()
+            to_q4_1(view, layout, 4, out=out, scratch=scratch)
+            crc.append(t1 - t0)
+            conv.append(time.perf_counter() - t1)
+        return {"read_mbps": mbps, "latency_ms": latency,
+                "checksum_mbps": layout.prefix_bytes(4) / statistics.median(crc) / 1e6,
+                "convert_mbps": out.nbytes / statistics.median(conv) / 1e6}
     finally:
         store.close()
 
 
 def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
-    """This device's profile with its scattered-read figures measured on ``bundle``'s expert store."""
+    """This device's profile with the expert-load figures (read, checksum, conversion) measured on
+    ``bundle``'s own expert store."""
     if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
         return profile
-    speed = store_read_speed(bundle)
-    if speed is None:
+    costs = store_load_costs(bundle)
+    if costs is None:
         return profile
     return HardwareProfile.from_dict(profile.to_dict() | {
-        "storage_chunk_read_mbps": round(speed[0]), "storage_chunk_latency_ms": round(speed[1], 3),
+        "storage_chunk_read_mbps": round(costs["read_mbps"]), "storage_chunk_latency_ms": round(costs["latency_ms"], 3),
+        "checksum_mbps": round(costs["checksum_mbps"]), "convert_mbps": round(costs["convert_mbps"]),
         "storage_path": str(Path(bundle) / "experts.bin")})
 
 
@@ -268,19 +290,38 @@ def ggml_call_us(reps: int = 200) -> float:
     return _median_time(run, reps) * 1e6
 
 
-def convert_mbps(reps: int = 10) -> float:
-    """Nested record -> Q4_1 conversion speed, MB of Q4_1 written per second (4 bits)."""
+def record_costs(reps: int = 5) -> tuple[float, float]:
+    """(Q4_1 conversion MB/s, checksum MB/s) on an expert-sized nested record (three 1024 x 2816
+    matrices, 8.6 M weights, like the benchmark model's experts): conversion writes megabytes, so a
+    cache-sized record would overstate it by about 2x (measured: 1.9 vs 0.9-1.4 GB/s here)."""
     from edge.quant.nested import NestedLayout, encode, q4_1_bytes, to_q4_1
 
-    w = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
-    layout = NestedLayout(((1024, 1024),))
-    record, out = encode([w]), np.empty(q4_1_bytes(layout), np.uint8)
-    return q4_1_bytes(layout) / _median_time(lambda: to_q4_1(record, layout, 4, out=out), reps) / 1e6
+    rng = np.random.default_rng(2)
+    shapes = ((2816, 1024), (2816, 1024), (1024, 2816))
+    layout = NestedLayout(shapes)
+    record = encode([rng.standard_normal(sh).astype(np.float32) for sh in shapes])
+    out, scratch = np.empty(q4_1_bytes(layout), np.uint8), np.empty(layout.n_weights, np.uint8)
+    prefix = np.frombuffer(record, np.uint8)[: layout.prefix_bytes(4)]
+    convert = out.nbytes / _median_time(lambda: to_q4_1(record, layout, 4, out=out, scratch=scratch), reps) / 1e6
+    checksum = prefix.nbytes / _median_time(lambda: zlib.crc32(prefix), reps) / 1e6
+    return convert, checksum
 
 
-def llama_layer_us(tokens: int = 128) -> float | None:
+def _probe_weights_s(gemv_q4_gflops: float, dense_bpw: float, expert_bpw: float) -> tuple[float, int]:
+    """(seconds the embedded default model's weights take to stream per token at the measured GEMV
+    rate, its layer count): the fixed-cost probes below subtract this, because the planner adds
+    every model's weight-streaming time on its own, and counting it twice made the default model's
+    predicted llama.cpp decode 23% slow."""
+    import edge
+
+    spec = edge.inspect()
+    stream = gemv_q4_gflops * 1e9 / 2 * 5.0 / 8  # Q4_1: 5 bits per weight, 2 flops per weight
+    return spec.decode_bytes(dense_bpw, expert_bpw) / stream, spec.n_layers
+
+
+def llama_layer_us(gemv_q4_gflops: float, tokens: int = 128) -> float | None:
     """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
-    1.2 MB touched per token: nearly all of its decode time is this fixed cost)."""
+    under 1 MB streamed per token: nearly all of its decode time is this fixed cost)."""
     from edge.formats.gguf_write import write_gguf
     from edge.formats.hf import load_weights
     from edge.models import default_model_path
@@ -304,10 +345,11 @@ def llama_layer_us(tokens: int = 128) -> float | None:
         per_token = statistics.median(batches)
     finally:
         be.close()
-    return per_token / 4 * 1e6  # the default model has 4 layers
+    weights_s, n_layers = _probe_weights_s(gemv_q4_gflops, 8.5, 8.5)
+    return max(0.0, per_token - weights_s) / n_layers * 1e6
 
 
-def offload_layer_us(tokens: int = 128) -> float:
+def offload_layer_us(gemv_q4_gflops: float, tokens: int = 128) -> float:
     """The offload engine's fixed cost per layer per decoded token: the embedded default model
     (4 layers, every expert resident, so no loads) decoding ``tokens`` tokens."""
     import edge
@@ -331,7 +373,8 @@ def offload_layer_us(tokens: int = 128) -> float:
                 logits = be.eval([int(np.argmax(logits))])
             batches.append((time.perf_counter() - t0) / (tokens // 8))
         per_token = statistics.median(batches)
-    return per_token / 4 * 1e6
+    weights_s, n_layers = _probe_weights_s(gemv_q4_gflops, 8.5, 5.0)  # dense Q8_0, experts Q4_1
+    return max(0.0, per_token - weights_s) / n_layers * 1e6
 
 
 def _gpu() -> str | None:
@@ -350,6 +393,8 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
     cg = cgroup_memory()
     storage_dir = Path(storage_dir or cache_dir())
     speeds = storage_speeds(storage_dir)
+    q4 = gemv_gflops(ggml.Q4_1)
+    convert, checksum = record_costs()
     try:
         import onnxruntime
 
@@ -374,9 +419,9 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
         storage_chunk_read_mbps=None if speeds["chunk"] is None else round(speeds["chunk"]),
         storage_chunk_latency_ms=None if speeds["latency"] is None else round(speeds["latency"], 3),
         storage_path=str(storage_dir),
-        gemv_q4_gflops=round(gemv_gflops(ggml.Q4_1), 1), gemv_q8_gflops=round(gemv_gflops(ggml.Q8_0), 1),
-        ggml_call_us=round(ggml_call_us(), 1), convert_mbps=round(convert_mbps()),
-        llama_layer_us=round(llama_layer_us(), 1), offload_layer_us=round(offload_layer_us(), 1),
+        gemv_q4_gflops=round(q4, 1), gemv_q8_gflops=round(gemv_gflops(ggml.Q8_0), 1),
+        ggml_call_us=round(ggml_call_us(), 1), convert_mbps=round(convert), checksum_mbps=round(checksum),
+        llama_layer_us=round(llama_layer_us(q4), 1), offload_layer_us=round(offload_layer_us(q4), 1),
         gpu=_gpu(), ort_providers=providers, llama_rpc=rpc,
     )
 

@@ -59,6 +59,16 @@ class ModelSpec:
         return self.dense_params + self.expert_params * self.top_k // self.n_experts
 
     @property
+    def dense_streamed_params(self) -> int:
+        """Trunk parameters a decode step reads whole: all but the embedding table, of which a
+        token reads one row (when tied, the same table is read whole as the output matrix)."""
+        return self.dense_params - (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
+
+    def decode_bytes(self, dense_bpw: float, expert_bpw: float) -> float:
+        """Bytes of weights one decoded token streams: the trunk and K of E experts per layer."""
+        return (self.dense_streamed_params * dense_bpw + self.expert_params * self.top_k / self.n_experts * expert_bpw) / 8
+
+    @property
     def expert_bytes_each(self) -> int:
         """Bytes of one expert (gate, up and down matrices) in one layer, as stored."""
         return self.expert_bytes // (self.n_layers * self.n_experts)

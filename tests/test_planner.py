@@ -39,10 +39,10 @@ def test_a_model_that_fits_runs_whole_on_llama_cpp():
 def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
     p = plan(big, THIS, budget_bytes=600 << 20, context=512)
     assert p.backend == "offload"
-    assert 2 <= p.cache_slots_per_layer[0] < 16
+    assert min(p.cache_slots_per_layer) >= 2 and 2 * 16 < sum(p.cache_slots_per_layer) < 16 * 16
     assert p.predicted_peak_bytes <= 600 << 20
     more = plan(big, THIS, budget_bytes=900 << 20, context=512)
-    assert more.cache_slots_per_layer[0] > p.cache_slots_per_layer[0]
+    assert sum(more.cache_slots_per_layer) > sum(p.cache_slots_per_layer)
     assert more.predicted_decode_tok_s > p.predicted_decode_tok_s  # a bigger cache loads less
 
 

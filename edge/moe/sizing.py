@@ -11,6 +11,16 @@ from edge.moe.cache import allocate_slots, hebf_bits
 from edge.units import format_bytes
 
 
+def slots_for(total_slots: int, n_layers: int, n_experts: int, top_k: int,
+              sch_curves: np.ndarray | None) -> tuple[int, ...]:
+    """Spread ``total_slots`` cache slots over the layers by their SCH curves (uniform routing
+    without them). The engine sizes its caches with this, and the planner predicts with it."""
+    total = min(total_slots, n_layers * n_experts)
+    curves = np.asarray(sch_curves) if sch_curves is not None else np.tile(
+        np.arange(1, n_experts + 1) / n_experts, (n_layers, 1))  # no locality data: uniform
+    return tuple(allocate_slots(curves, top_k, int(total), target=1.0))
+
+
 def offload_plan(*, n_layers: int, n_experts: int, top_k: int, slot_bytes: int, budget_bytes: int | None,
                  fixed_bytes: int, sch_curves: np.ndarray | None, hotness: np.ndarray | None,
                  bits: int, min_bits: int, pin_bits: bool) -> tuple[tuple[int, ...], np.ndarray]:
@@ -28,10 +38,7 @@ def offload_plan(*, n_layers: int, n_experts: int, top_k: int, slot_bytes: int, 
                 f"memory budget {format_bytes(budget_bytes)} is too small: the model's dense weights and "
                 f"runtime take {format_bytes(fixed_bytes)}, and {n_layers} layers x {top_k} experts need "
                 f"{format_bytes(need)} more")
-        total = min(room // slot_bytes, n_layers * n_experts)
-        curves = sch_curves if sch_curves is not None else np.tile(
-            np.arange(1, n_experts + 1) / n_experts, (n_layers, 1))  # no locality data: uniform
-        slots = tuple(allocate_slots(curves, top_k, int(total), target=1.0))
+        slots = slots_for(int(room // slot_bytes), n_layers, n_experts, top_k, sch_curves)
     if pin_bits or hotness is None:
         bit_table = np.full((n_layers, n_experts), bits, dtype=np.int64)
     else:
