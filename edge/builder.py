@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,15 +17,21 @@ FORMATS = ("gguf", "edge", "offload")
 
 
 def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", weight_type: str | None = None,
-          force: bool = False, threads: int = 2, progress: Progress | None = None) -> Manifest:
+          force: bool = False, threads: int = 2, progress: Progress | None = None, bitstack: bool = False) -> Manifest:
     """Build a bundle at ``out`` from ``model`` (None: the embedded default).
 
     ``format="gguf"`` makes a bundle for the llama.cpp backend (``weight_type`` f32, f16, q8_0,
     q4_0, q4_k_m, ...; default f16); ``format="edge"`` one for the reference engine (f32 or f16);
-    ``format="offload"`` one for the offload engine (nested 2..8-bit expert store + dense weights).
+    ``format="offload"`` one for the offload engine (nested 2..8-bit expert store + dense weights);
+    with ``bitstack=True`` its attention matrices are stored as a BitStack stack that the engine
+    loads at any size and resizes while it runs (needs torch to build).
     """
     if format not in FORMATS:
         raise EdgeError(f"unknown bundle format {format!r}; choose gguf, edge or offload")
+    if bitstack and format != "offload":
+        raise EdgeError("--bitstack needs --format offload (the offload engine runs BitStack stacks)")
+    if bitstack and importlib.util.find_spec("torch") is None:
+        raise EdgeError("building a BitStack stack needs torch: pip install -e '.[convert]'")
     src = resolve(model)
     if src.kind == "bundle":
         raise EdgeError(f"{src.path} is already a bundle; build from a checkpoint or a GGUF file")
@@ -59,7 +66,7 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
             say("reading checkpoint")
             bos, eos = hf_special_ids(src.path)
             return populate_offload(load_weights(src.path), hf_tokenizer_file(src.path), tmp, say, eos, bos,
-                                    src.name, str(src.path.resolve()))
+                                    src.name, str(src.path.resolve()), bitstack=bitstack)
         return _populate_edge(src, tmp, wtype, say)
 
     return write_bundle(Path(out), force=force, populate=populate, progress=say)

@@ -33,7 +33,7 @@ class FileEntry(BaseModel):
     path: str
     size_bytes: int
     sha256: str
-    role: Literal["weights", "tokenizer", "experts"]
+    role: Literal["weights", "tokenizer", "experts", "bitstack"]
 
 
 class TokenizerInfo(BaseModel):
@@ -58,6 +58,7 @@ class Manifest(BaseModel):
     source: str
     experts: dict | None = None  # offload bundles: the expert store's index (edge/moe/store.py)
     locality: dict | None = None  # offload bundles: SCH curves and hotness from a calibration trace
+    bitstack: dict | None = None  # offload bundles with stacked attention: the stack's index (edge/quant/stack.py)
 
     def weights_file(self) -> FileEntry:
         return next(f for f in self.files if f.role == "weights")

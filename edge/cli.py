@@ -71,16 +71,17 @@ def inspect(model: Optional[str] = ModelArg,
 @app.command()
 def build(model: Optional[str] = ModelArg,
           output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to create."),
-          format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp backend) or edge (reference engine)."),
+          format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp backend), edge (reference engine) or offload (offload engine)."),
           weight_type: Optional[str] = typer.Option(None, "--type", help="gguf: f32, f16, q8_0, q4_0, q4_k_m, ... (default f16); edge: f32 or f16."),
           force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
-          threads: int = typer.Option(2, "--threads", help="Threads for quantization.")) -> None:
+          threads: int = typer.Option(2, "--threads", help="Threads for quantization."),
+          bitstack: bool = typer.Option(False, "--bitstack", help="offload: store attention as a resizable BitStack stack.")) -> None:
     """Build an edge bundle: manifest.json plus checksummed weight files."""
     from edge.builder import build as build_bundle
 
     with err.status("building bundle") as status:
         manifest = build_bundle(model, output, format=format, weight_type=weight_type, force=force,
-                                threads=threads, progress=lambda msg: status.update(msg))
+                                threads=threads, progress=lambda msg: status.update(msg), bitstack=bitstack)
     size = sum(f.size_bytes for f in manifest.files)
     out.print(f"built {output}  format={manifest.format} type={manifest.weight_type}  "
               f"{len(manifest.files)} files, {format_bytes(size)}")

@@ -16,11 +16,12 @@ DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 EXPERT_FIELDS = ("gate", "up", "down")  # routed experts: absent from dense-only files
+STACKED_FIELDS = ("wq", "wk", "wv", "wo")  # attention: absent when a BitStack stack holds them
 
 
-def save(weights: ModelWeights, path: Path, dtype: str = "f32", *, experts: bool = True) -> None:
+def save(weights: ModelWeights, path: Path, dtype: str = "f32", *, experts: bool = True, stacked: bool = False) -> None:
     """Write canonical weights; ``experts=False`` leaves the routed experts out (they live in the
-    expert store of an offload bundle)."""
+    expert store of an offload bundle), ``stacked=True`` the attention matrices (in dense.stack)."""
     from safetensors.numpy import save_file
 
     dt = DTYPES[dtype]
@@ -34,15 +35,16 @@ def save(weights: ModelWeights, path: Path, dtype: str = "f32", *, experts: bool
     for i, lw in enumerate(weights.layers):
         for f in fields(LayerWeights):
             a = getattr(lw, f.name)
-            if a is not None and (experts or f.name not in EXPERT_FIELDS):
+            if a is not None and (experts or f.name not in EXPERT_FIELDS) and not (stacked and f.name in STACKED_FIELDS):
                 keep = f.name in ("router", "shared_router")
                 tensors[f"layers.{i}.{f.name}"] = np.ascontiguousarray(a, np.float32) if keep else cast(a)
     save_file(tensors, str(path))
 
 
-def load(path: Path, spec: ModelSpec, *, experts: bool = True) -> ModelWeights:
+def load(path: Path, spec: ModelSpec, *, experts: bool = True, stacked: bool = False) -> ModelWeights:
     """Canonical weights back (float32 tensors memory-mapped, not copied). With ``experts=False``
-    the routed-expert fields are empty arrays: those weights come from the expert store."""
+    the routed-expert fields are empty arrays: those weights come from the expert store; with
+    ``stacked=True`` so are the attention matrices (they come from a BitStack stack)."""
     infos = st.read_header(path)
 
     def get(name: str) -> np.ndarray | None:
@@ -55,6 +57,8 @@ def load(path: Path, spec: ModelSpec, *, experts: bool = True) -> ModelWeights:
         kw = {f.name: get(f"layers.{i}.{f.name}") for f in fields(LayerWeights)}
         if not experts:
             kw.update({name: np.empty((0,), np.float32) for name in EXPERT_FIELDS})
+        if stacked:
+            kw.update({name: np.empty((0,), np.float32) for name in STACKED_FIELDS})
         missing = [k for k, f in zip(kw, fields(LayerWeights)) if kw[k] is None and f.default is not None]
         if missing:
             raise BundleError(f"{path.name} lacks layers.{i}.{missing[0]}")

@@ -52,22 +52,31 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
     online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
               for c in range(1, E + 1)]
     g = [np.asarray(x) for x in guesses]
-    loads = [round(float(sum(simulate_engine(trace.layer(i), g[i], E, c, "locality") for i in range(trace.n_layers))), 4)
-             for c in range(s.top_k, E + 1)]
+    # per layer, for every cache size: the engine sizes caches per layer (allocate_slots), so the
+    # planner sums the layers' loads at the sizes the engine will pick
+    per_layer = [[None] * (s.top_k - 1) + [round(simulate_engine(trace.layer(i), g[i], E, c, "locality"), 4)
+                                           for c in range(s.top_k, E + 1)] for i in range(trace.n_layers)]
+    loads = [round(sum(row[c - 1] for row in per_layer), 4) for c in range(s.top_k, E + 1)]
     return {"window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
-            "loads_per_token": [None] * (s.top_k - 1) + loads,
+            "loads_per_token": [None] * (s.top_k - 1) + loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}
 
 
 def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say: Progress,
-                     eos: tuple[int, ...], bos: int | None, name: str, source: str) -> dict:
+                     eos: tuple[int, ...], bos: int | None, name: str, source: str, *, bitstack: bool = False) -> dict:
     s = weights.spec
     F, D = s.expert_ffn_size, s.hidden_size
     layout = NestedLayout(((F, D), (F, D), (D, F)))
     say("measuring routing locality on calibration text")
-    locality = measure_locality(weights, calibration_tokens(HFTokenizer(tokenizer_json)))
+    tokens = calibration_tokens(HFTokenizer(tokenizer_json))
+    locality = measure_locality(weights, tokens)
+    stack = None
+    if bitstack:  # attention matrices as a BitStack stack; dense.safetensors leaves them out
+        from edge.quant.stack_build import build_stack
+
+        stack = build_stack(weights, tokens, tmp / "dense.stack", say=say).to_dict()
     say("writing dense weights")
-    edge_weights.save(weights, tmp / "dense.safetensors", "f32", experts=False)
+    edge_weights.save(weights, tmp / "dense.safetensors", "f32", experts=False, stacked=bitstack)
 
     def records():
         for lw in weights.layers:
@@ -84,6 +93,7 @@ def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say
     return {
         "name": name, "format": "offload", "weight_type": "nested-2..8", "source": source, "spec": spec,
         "tokenizer": TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos),
-        "experts": index.to_dict(), "locality": locality,
-        "roles": {"dense.safetensors": "weights", "experts.bin": "experts", "tokenizer.json": "tokenizer"},
+        "experts": index.to_dict(), "locality": locality, "bitstack": stack,
+        "roles": {"dense.safetensors": "weights", "experts.bin": "experts", "tokenizer.json": "tokenizer"}
+        | ({"dense.stack": "bitstack"} if bitstack else {}),
     }

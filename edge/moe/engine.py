@@ -22,6 +22,7 @@ from edge.errors import EdgeError
 from edge.moe.cache import Policy, prefetch_guess
 from edge.moe.store import ExpertStore, aligned_buffer
 from edge.quant.nested import to_q4_1
+from edge.quant.stack import LoadedStack
 from edge.runtime import ggml
 from edge.runtime.reference import apply_rope, attend, rms_norm, rope_inv_freq, rope_tables, route
 from edge.runtime.weights import ModelWeights
@@ -49,6 +50,7 @@ class Telemetry:
     tokens: int = 0
     decode_seconds: float = 0.0
     first_token_seconds: float | None = None
+    resizes: list[dict] = field(default_factory=list)  # memory-budget changes, newest last
 
 
 class LayerCache:
@@ -101,7 +103,8 @@ class OffloadEngine:
 
     name = "offload"
 
-    def __init__(self, dense: ModelWeights, store: ExpertStore, config: OffloadConfig, *, n_ctx: int = 2048):
+    def __init__(self, dense: ModelWeights, store: ExpertStore, config: OffloadConfig, *, n_ctx: int = 2048,
+                 stack: LoadedStack | None = None):
         s = dense.spec
         self.spec, self.store, self.config = s, store, config
         self.threads = config.threads or os.cpu_count() or 1
@@ -114,12 +117,21 @@ class OffloadEngine:
         self.embed = dense.embed.astype(np.float16)
         self.norm = dense.norm
         self.lm_head = ggml.Weight.quantized(dense.lm_head, q8)
+        # Attention matrices: Q8_0 tensors, or (stacked bundles) indices into the BitStack stack,
+        # reconstructed from the loaded blocks on every use, so only the blocks stay in memory.
+        self.stack = stack
+        where = {(m[0], m[1]): j for j, m in enumerate(stack.index.matrices)} if stack else {}
+        largest = max((m[2] * m[3] for m in stack.index.matrices), default=0) if stack else 0
+        self._stack_scratch = np.empty(largest, np.float32)
+
+        def attn(i: int, name: str, w: np.ndarray):
+            return where[(i, name)] if (i, name) in where else ggml.Weight.quantized(w, q8)
+
         self.layers = []
-        for lw in dense.layers:
+        for i, lw in enumerate(dense.layers):
             self.layers.append({
                 "attn_norm": lw.attn_norm, "ffn_norm": lw.ffn_norm, "router": lw.router.astype(np.float32),
-                "wq": ggml.Weight.quantized(lw.wq, q8), "wk": ggml.Weight.quantized(lw.wk, q8),
-                "wv": ggml.Weight.quantized(lw.wv, q8), "wo": ggml.Weight.quantized(lw.wo, q8),
+                "wq": attn(i, "wq", lw.wq), "wk": attn(i, "wk", lw.wk), "wv": attn(i, "wv", lw.wv), "wo": attn(i, "wo", lw.wo),
                 "bq": lw.bq, "bk": lw.bk, "bv": lw.bv, "q_norm": lw.q_norm, "k_norm": lw.k_norm,
                 "shared": None if lw.shared_gate is None else (
                     ggml.Weight.quantized(lw.shared_gate, q8), ggml.Weight.quantized(lw.shared_up, q8),
@@ -134,11 +146,12 @@ class OffloadEngine:
         n = store.index.layout.n_weights
         self._scratch = {"main": np.empty(n, np.uint8), "io": np.empty(n, np.uint8)}
         self._graph_mem = np.empty(16 << 20, dtype=np.uint8)
-        for buf in (self._k, self._v, self._graph_mem, *self._stage.values(), *self._scratch.values()):
+        for buf in (self._k, self._v, self._graph_mem, self._stack_scratch, *self._stage.values(), *self._scratch.values()):
             buf.fill(0)  # fault the pages in now, so the memory measured after init is all of it
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
+        self.eval_lock = threading.Lock()  # a resize waits for the token in flight: the next one sees it
         self.budget_bytes: int | None = None
         self.fixed_bytes = 0
         self.caches: list[LayerCache] = []
@@ -204,6 +217,10 @@ class OffloadEngine:
 
     # -- forward ------------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        with self.eval_lock:
+            return self._eval(tokens, all_logits)
+
+    def _eval(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64)
         if len(ids) == 0:
             raise ValueError("eval needs at least one token")
@@ -234,9 +251,12 @@ class OffloadEngine:
     def _attention(self, i: int, lw: dict, x: np.ndarray, cos, sin) -> np.ndarray:
         s = self.spec
         T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
-        g = ggml.Graph(buffer=self._graph_mem)
-        xi = g.input(x)
-        q, k, v = g.compute([g.matmul(lw["wq"], xi), g.matmul(lw["wk"], xi), g.matmul(lw["wv"], xi)], self.threads)
+        if self.stack is not None and isinstance(lw["wq"], int):
+            q, k, v = (self._stacked(lw[name], x) for name in ("wq", "wk", "wv"))
+        else:
+            g = ggml.Graph(buffer=self._graph_mem)
+            xi = g.input(x)
+            q, k, v = g.compute([g.matmul(lw["wq"], xi), g.matmul(lw["wk"], xi), g.matmul(lw["wv"], xi)], self.threads)
         if lw["bq"] is not None:
             q, k, v = q + lw["bq"], k + lw["bk"], v + lw["bv"]
         q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
@@ -247,8 +267,16 @@ class OffloadEngine:
         self._k[i, :, start:end] = k.transpose(1, 0, 2)
         self._v[i, :, start:end] = v.transpose(1, 0, 2)
         att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
+        if isinstance(lw["wo"], int):
+            return self._stacked(lw["wo"], att)
         g = ggml.Graph(buffer=self._graph_mem)
         return g.compute([g.matmul(lw["wo"], g.input(att))], self.threads)[0]
+
+    def _stacked(self, j: int, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for stack matrix ``j``, W rebuilt from its loaded blocks into one scratch buffer."""
+        _, _, m, n = self.stack.index.matrices[j]
+        w = self.stack.reconstruct(j, self._stack_scratch[: m * n].reshape(m, n))
+        return x @ w.T
 
     def _moe(self, i: int, lw: dict, x: np.ndarray) -> np.ndarray:
         s = self.spec
@@ -313,6 +341,10 @@ class OffloadEngine:
             "resident_bytes": psutil.Process().memory_info().rss,
             "memory_budget_bytes": self.budget_bytes,
             "expert_cache_bytes": self.cache_bytes,
+            "stack_bytes": self.stack.loaded_bytes if self.stack else None,
+            "stack_blocks": self.stack.n_loaded if self.stack else None,
+            "stack_full_bytes": self.stack.index.full_bytes if self.stack else None,
+            "resizes": list(t.resizes[-20:]),
             "cache_slots_per_layer": list(self.config.slots),
             "cache_hits": hits, "cache_misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else None,
@@ -330,3 +362,5 @@ class OffloadEngine:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.store.close()
+        if self.stack is not None:
+            self.stack.close()

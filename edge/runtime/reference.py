@@ -104,6 +104,9 @@ class ReferenceEngine:
         # Called with (-1, embeddings) and (i, residual stream after layer i's attention): what the
         # offload engine's prefetcher guesses the next layer's experts from.
         self.stream_observers: list[Callable[[int, np.ndarray], None]] = []
+        # Called with (layer, name, x) for the input x [T, in] of a dense matrix ("wq" stands for
+        # q, k and v, which share it; "wo"): BitStack's activation scales come from these.
+        self.input_observers: list[Callable[[int, str, np.ndarray], None]] = []
 
     # -- Backend protocol -------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
@@ -141,6 +144,8 @@ class ReferenceEngine:
     def _attention(self, i: int, lw: LayerWeights, x: np.ndarray, cos, sin) -> np.ndarray:
         s = self.spec
         T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
+        for observe in self.input_observers:
+            observe(i, "wq", x)
         q, k, v = x @ lw.wq.T, x @ lw.wk.T, x @ lw.wv.T
         if lw.bq is not None:
             q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
@@ -151,7 +156,10 @@ class ReferenceEngine:
         start, end = self.n_past, self.n_past + T
         self._k[i, :, start:end] = k.transpose(1, 0, 2)
         self._v[i, :, start:end] = v.transpose(1, 0, 2)
-        return attend(q, self._k[i, :, :end], self._v[i, :, :end], start) @ lw.wo.T
+        att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
+        for observe in self.input_observers:
+            observe(i, "wo", att)
+        return att @ lw.wo.T
 
     def _moe(self, i: int, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
         ids, weights = route(x, lw.router, self.spec.top_k, self.spec.norm_topk_prob)
