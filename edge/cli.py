@@ -114,12 +114,18 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
         min_bits: int = typer.Option(2, "--min-bits", help="Offload: bits of the coldest experts (HEBF)."),
         pin_bits: bool = typer.Option(False, "--pin-bits", help="Offload: every expert at --bits, no downgrading."),
         prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Offload: load the next layer's experts ahead."),
+        elastic: bool = typer.Option(False, "--elastic", help="Offload: follow the memory free right now (resize between --floor and the budget)."),
+        floor: Optional[str] = typer.Option(None, "--floor", help="--elastic: never shrink below this budget."),
         metrics: bool = typer.Option(False, "--metrics", help="Print the engine's telemetry as JSON on stderr at the end.")) -> None:
     """Complete one prompt and print prompt + completion."""
     from edge.sdk import OffloadOptions
 
     options = OffloadOptions(policy=policy, bits=bits, min_bits=min_bits, pin_bits=pin_bits, prefetch=prefetch)
+    if elastic and memory_budget is None:
+        raise EdgeError("--elastic needs --memory-budget: the budget it starts from and never exceeds")
     with _load(model, backend, n_ctx, threads, verify, memory_budget, options) as m:
+        if elastic:
+            m.elastic(floor=floor)
         kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         out.print(prompt, end="", markup=False)
         if stream:

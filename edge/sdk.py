@@ -67,6 +67,7 @@ class Model:
         self.name, self.spec, self.source = name, spec, source
         self.backend, self.tokenizer = backend, tokenizer
         self._session = Session(backend, tokenizer)
+        self._elastic = None
 
     @property
     def backend_name(self) -> str:
@@ -129,7 +130,34 @@ class Model:
                       "total_tokens": stats.prompt_tokens + stats.completion_tokens},
         }
 
+    def set_memory_budget(self, budget: int | str, *, reason: str = "set_memory_budget") -> dict[str, Any]:
+        """Fit the running model into ``budget`` (bytes or "300MB") without reloading it or losing
+        the conversation: a BitStack stack grows or shrinks block by block, then the expert cache.
+        The next token uses the new weights. Offload bundles only."""
+        from edge.moe.runtime import set_memory_budget
+
+        nbytes = parse_budget(budget)
+        if self.backend.name != "offload":
+            raise EdgeError(f"the {self.backend.name} backend cannot resize while it runs; load an offload bundle "
+                            "(edge build MODEL --format offload --bitstack)")
+        return set_memory_budget(self.backend, nbytes, reason=reason)
+
+    def elastic(self, *, floor: int | str | None = None, ceiling: int | str | None = None):
+        """Start the elastic memory manager (edge/moe/elastic.py): the budget follows the memory the
+        device has free, between ``floor`` and ``ceiling`` (default: the budget now). Stopped by
+        ``close()``; returns the manager."""
+        from edge.moe.elastic import ElasticManager
+
+        if self.backend.name != "offload":
+            raise EdgeError(f"the elastic memory manager resizes offload bundles; {self.source} runs on {self.backend.name}")
+        if self._elastic is None:
+            self._elastic = ElasticManager(self.backend, floor=parse_budget(floor), ceiling=parse_budget(ceiling)).start()
+        return self._elastic
+
     def close(self) -> None:
+        if self._elastic is not None:
+            self._elastic.stop()
+            self._elastic = None
         self.backend.close()
 
     def __enter__(self) -> "Model":

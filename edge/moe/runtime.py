@@ -107,6 +107,20 @@ def set_memory_budget(engine: OffloadEngine, budget: int, *, reason: str = "set_
     return record
 
 
+def smallest_budget(engine: OffloadEngine) -> int:
+    """The smallest budget ``engine`` runs in: what it holds, its headroom, the smallest expert
+    cache (K experts per layer) and, with a stack, one block per matrix."""
+    spec, stack = engine.spec, engine.stack
+    need = spec.n_layers * spec.top_k * engine.sizing["slot_bytes"]
+    need += stack.index.bytes_at(stack.index.min_blocks) if stack else 0
+    return int((engine.base_bytes + MARGIN_BYTES + need) / (1 - MARGIN_FRACTION)) + 1
+
+
+def budget_for_stack(engine: OffloadEngine, stack_bytes: int) -> int:
+    """The budget that leaves ``stack_bytes`` for the stack beside the current expert cache."""
+    return int((engine.base_bytes + MARGIN_BYTES + engine.cache_bytes + stack_bytes) / (1 - MARGIN_FRACTION)) + 1
+
+
 def _fixed(base: int, budget: int | None) -> int:
     return base + MARGIN_BYTES + int(MARGIN_FRACTION * (budget or 0))
 
