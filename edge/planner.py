@@ -53,9 +53,14 @@ class Plan:
     reasons: tuple[str, ...] = field(default=())
 
 
+def gemv_stream_bps(gemv_q4_gflops: float) -> float:
+    """Bytes of Q4_1 weights per second a ggml matrix-vector product streams (2 flops per weight)."""
+    return gemv_q4_gflops * 1e9 / 2 * BPW["q4_1"] / 8
+
+
 def _stream_bytes_per_s(device: HardwareProfile) -> tuple[float | None, str]:
     if device.gemv_q4_gflops:
-        bps = device.gemv_q4_gflops * 1e9 / 2 * BPW["q4_1"] / 8  # 2 flops per weight
+        bps = gemv_stream_bps(device.gemv_q4_gflops)
         return bps, f"measured ggml Q4_1 GEMV {device.gemv_q4_gflops:.0f} GFLOP/s = {bps / 1e9:.1f} GB/s of weights"
     if device.memory_bandwidth_gbps:
         bps = device.memory_bandwidth_gbps * 1e9 * GEMV_SHARE_OF_PEAK

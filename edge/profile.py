@@ -313,10 +313,10 @@ def _probe_weights_s(gemv_q4_gflops: float, dense_bpw: float, expert_bpw: float)
     every model's weight-streaming time on its own, and counting it twice made the default model's
     predicted llama.cpp decode 23% slow."""
     import edge
+    from edge.planner import gemv_stream_bps
 
     spec = edge.inspect()
-    stream = gemv_q4_gflops * 1e9 / 2 * 5.0 / 8  # Q4_1: 5 bits per weight, 2 flops per weight
-    return spec.decode_bytes(dense_bpw, expert_bpw) / stream, spec.n_layers
+    return spec.decode_bytes(dense_bpw, expert_bpw) / gemv_stream_bps(gemv_q4_gflops), spec.n_layers
 
 
 def llama_layer_us(gemv_q4_gflops: float, tokens: int = 128) -> float | None:

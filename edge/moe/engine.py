@@ -251,7 +251,7 @@ class OffloadEngine:
     def _attention(self, i: int, lw: dict, x: np.ndarray, cos, sin) -> np.ndarray:
         s = self.spec
         T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
-        if self.stack is not None and isinstance(lw["wq"], int):
+        if isinstance(lw["wq"], int):  # a stack index: rebuilt from its blocks
             q, k, v = (self._stacked(lw[name], x) for name in ("wq", "wk", "wv"))
         else:
             g = ggml.Graph(buffer=self._graph_mem)

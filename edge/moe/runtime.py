@@ -59,10 +59,9 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options, n_ctx: 
     engine.base_bytes = footprint_bytes()
     engine.sizing = {"slot_bytes": slot_bytes, "sch_curves": sch_curves, "hotness": hotness, "options": options}
     if stack is not None:  # the stack's share: all of it if the budget leaves the smallest cache beside it
-        full, smallest_cache = stack.index.full_bytes, spec.n_layers * spec.top_k * slot_bytes
-        room = None if budget is None else budget - _fixed(engine.base_bytes, budget) - smallest_cache
+        room = None if budget is None else budget - _fixed(engine.base_bytes, budget) - _smallest_cache(engine)
         stack.resize(stack.index.n_blocks if room is None else
-                     blocks_for_budget(stack.index, min(full, room), lambda: _needs(engine, budget)))
+                     blocks_for_budget(stack.index, min(stack.index.full_bytes, room), lambda: _needs(engine, budget)))
     _size_cache(engine, budget)
     return engine
 
@@ -73,26 +72,23 @@ def set_memory_budget(engine: OffloadEngine, budget: int, *, reason: str = "set_
     only when the stack is at its smallest (shrinking) or full (growing). Takes effect from the
     next token (waits for the one in flight). Refuses, changing nothing, when even the smallest
     stack and cache do not fit. Returns the resize record (also kept in the telemetry)."""
-    spec, stack = engine.spec, engine.stack
-    slot_bytes = engine.sizing["slot_bytes"]
-    smallest_cache = spec.n_layers * spec.top_k * slot_bytes
+    stack, slot_bytes = engine.stack, engine.sizing["slot_bytes"]
     with engine.eval_lock:
         t0 = time.perf_counter()
         before = {"stack_bytes": stack.loaded_bytes if stack else 0, "cache_bytes": engine.cache_bytes}
         room = budget - _fixed(engine.base_bytes, budget)
-        stack_min = stack.index.bytes_at(stack.index.min_blocks) if stack else 0
-        if room < stack_min + smallest_cache:
+        if room < _smallest_stack(engine) + _smallest_cache(engine):
             raise EdgeError(f"memory budget {format_bytes(budget)} is too small: {_needs(engine, budget)}")
         cache = engine.cache_bytes
         if stack is not None:
             n = stack.index.blocks_within(room - cache)
             if n < stack.index.min_blocks:  # the stack at its floor and the cache gives the rest
                 stack.resize(stack.index.min_blocks)
-                _size_cache(engine, budget, extra_fixed=stack.loaded_bytes)
+                _size_cache(engine, budget)
             else:
                 stack.resize(n)
                 if n >= stack.index.n_blocks and room - stack.loaded_bytes - cache >= slot_bytes:
-                    _size_cache(engine, budget, extra_fixed=stack.loaded_bytes)  # stack full: the cache grows
+                    _size_cache(engine, budget)  # stack full: the cache grows
         elif room - cache < 0 or room - cache >= slot_bytes:
             _size_cache(engine, budget)
         engine.budget_bytes = budget
@@ -110,15 +106,25 @@ def set_memory_budget(engine: OffloadEngine, budget: int, *, reason: str = "set_
 def smallest_budget(engine: OffloadEngine) -> int:
     """The smallest budget ``engine`` runs in: what it holds, its headroom, the smallest expert
     cache (K experts per layer) and, with a stack, one block per matrix."""
-    spec, stack = engine.spec, engine.stack
-    need = spec.n_layers * spec.top_k * engine.sizing["slot_bytes"]
-    need += stack.index.bytes_at(stack.index.min_blocks) if stack else 0
-    return int((engine.base_bytes + MARGIN_BYTES + need) / (1 - MARGIN_FRACTION)) + 1
+    return _budget_holding(engine, _smallest_cache(engine) + _smallest_stack(engine))
 
 
 def budget_for_stack(engine: OffloadEngine, stack_bytes: int) -> int:
     """The budget that leaves ``stack_bytes`` for the stack beside the current expert cache."""
-    return int((engine.base_bytes + MARGIN_BYTES + engine.cache_bytes + stack_bytes) / (1 - MARGIN_FRACTION)) + 1
+    return _budget_holding(engine, engine.cache_bytes + stack_bytes)
+
+
+def _budget_holding(engine: OffloadEngine, nbytes: int) -> int:
+    """The smallest budget whose room beside the engine and its headroom (``_fixed``) is ``nbytes``."""
+    return int((engine.base_bytes + MARGIN_BYTES + nbytes) / (1 - MARGIN_FRACTION)) + 1
+
+
+def _smallest_cache(engine: OffloadEngine) -> int:
+    return engine.spec.n_layers * engine.spec.top_k * engine.sizing["slot_bytes"]
+
+
+def _smallest_stack(engine: OffloadEngine) -> int:
+    return engine.stack.index.bytes_at(engine.stack.index.min_blocks) if engine.stack else 0
 
 
 def _fixed(base: int, budget: int | None) -> int:
@@ -126,19 +132,16 @@ def _fixed(base: int, budget: int | None) -> int:
 
 
 def _needs(engine: OffloadEngine, budget: int | None) -> str:
-    spec, stack = engine.spec, engine.stack
-    smallest_cache = spec.n_layers * spec.top_k * engine.sizing["slot_bytes"]
-    stack_min = stack.index.bytes_at(stack.index.min_blocks) if stack else 0
+    spec = engine.spec
     return (f"the engine holds {format_bytes(engine.base_bytes)} plus headroom {format_bytes(_fixed(0, budget))}, "
-            f"the smallest expert cache ({spec.n_layers} layers x {spec.top_k}) {format_bytes(smallest_cache)}"
-            + (f" and the smallest stack {format_bytes(stack_min)}" if stack else ""))
+            f"the smallest expert cache ({spec.n_layers} layers x {spec.top_k}) {format_bytes(_smallest_cache(engine))}"
+            + (f" and the smallest stack {format_bytes(_smallest_stack(engine))}" if engine.stack else ""))
 
 
-def _size_cache(engine: OffloadEngine, budget: int | None, extra_fixed: int | None = None) -> None:
-    """(Re)size the expert cache for ``budget`` beside the engine, its headroom and the stack."""
+def _size_cache(engine: OffloadEngine, budget: int | None) -> None:
+    """(Re)size the expert cache for ``budget`` beside the engine, its headroom and the loaded stack."""
     spec, z = engine.spec, engine.sizing
-    stack_bytes = engine.stack.loaded_bytes if engine.stack else 0
-    fixed = _fixed(engine.base_bytes, budget) + (stack_bytes if extra_fixed is None else extra_fixed)
+    fixed = _fixed(engine.base_bytes, budget) + (engine.stack.loaded_bytes if engine.stack else 0)
     o = z["options"]
     slots, bits = offload_plan(
         n_layers=spec.n_layers, n_experts=spec.n_experts, top_k=spec.top_k, slot_bytes=z["slot_bytes"],

@@ -92,18 +92,25 @@ def aligned_buffer(nbytes: int, *, huge: bool = True) -> np.ndarray:
     ``huge``: back it with 2 MiB transparent huge pages where the kernel allows (madvise mode is
     the common default): an O_DIRECT read then pins a few huge pages instead of a thousand small
     ones, which made 4 MiB reads 1.2-2.6x faster on this machine (docs/planner.md)."""
+    pad = HUGE if huge else 0
+    m = anonymous_map(nbytes + pad, huge=huge)
+    start = (-np.frombuffer(m, np.uint8, count=1).ctypes.data) % (HUGE if huge else ALIGN)
+    return np.frombuffer(m, np.uint8, count=nbytes, offset=start)
+
+
+def anonymous_map(nbytes: int, *, huge: bool):
+    """A private anonymous mapping (a shared one would be shmem, which never gets THP), advised
+    to use transparent huge pages or, with ``huge=False``, 4 KiB pages only."""
     import mmap
 
-    pad = HUGE if huge else 0
-    m = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
-    start = (-np.frombuffer(m, np.uint8, count=1).ctypes.data) % (HUGE if huge else ALIGN)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
     if advice is not None:
         try:
             m.madvise(advice)
         except OSError:  # a kernel without THP: small pages it is
             pass
-    return np.frombuffer(m, np.uint8, count=nbytes, offset=start)
+    return m
 
 
 class ExpertStore:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import BundleError, EdgeError
+from edge.moe.store import anonymous_map
 from edge.quant.bitstack import Block, Ordered, block_bytes, levels_at, reconstruct
 from edge.units import format_bytes
 
@@ -127,12 +128,8 @@ class LoadedStack:
         for _, _, _, n in index.matrices:
             self.scales.append(np.frombuffer(head, np.float32, count=n, offset=at).copy())
             at += 4 * n
-        self._map = mmap.mmap(-1, max(index.full_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KiB pages: a shrink gives back exactly what it unloads
-            try:
-                self._map.madvise(mmap.MADV_NOHUGEPAGE)
-            except OSError:
-                pass
+        # 4 KiB pages: a shrink gives back exactly what it unloads
+        self._map = anonymous_map(max(index.full_bytes, 1), huge=False)
         self._buf = np.frombuffer(self._map, np.uint8)
         self.blocks: list[list[Block]] = [[] for _ in index.matrices]
         self.n_loaded = 0

@@ -54,5 +54,7 @@ def build_stack(weights: ModelWeights, tokens: list[int], path: Path, *, k: int 
             errors.append(err)
             nbytes.append(block_bytes(w.shape, bl[0].a.shape[1]))
             say(f"BitStack: decomposed {len(matrices)}/{total} matrices")
-    k_used = blocks[0][0].a.shape[1]
-    return write_stack(path, matrices, scales, blocks, order_by_error(errors, nbytes), k_used)
+    k_used = {bl[0].a.shape[1] for bl in blocks}
+    if len(k_used) != 1:  # decompose clamps k to the smaller side; one stack holds one rank
+        raise ValueError(f"matrices smaller than rank {k} cannot share a stack (ranks {sorted(k_used)})")
+    return write_stack(path, matrices, scales, blocks, order_by_error(errors, nbytes), k_used.pop())
