@@ -41,23 +41,39 @@ def main() -> None:
         m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, offload=OffloadOptions(**opts))
         prompt = m.tokenize(PROMPT)
         step = m.backend.eval
+    import resource
+
     t1 = time.perf_counter()
     logits = step(prompt)
     t2 = time.perf_counter()
+    before = decode_counters(m.metrics() if system != "llamacpp" else None)
     tokens = []
     for _ in range(n):
         tok = int(np.argmax(logits))
         tokens.append(tok)
         logits = step([tok])
     t3 = time.perf_counter()
+    decode = {k: v - before[k] for k, v in decode_counters(m.metrics() if system != "llamacpp" else None).items()}
     if system != "llamacpp":
         metrics = m.metrics()
         metrics.pop("per_layer", None)
-    import resource
-
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"peak_rss": peak_rss, "load_s": t1 - t0, "prefill_s": t2 - t1, "prompt_tokens": len(prompt),
-                      "decode_tok_s": n / (t3 - t2), "tokens": tokens, "metrics": metrics}))
+                      "decode_tok_s": n / (t3 - t2), "tokens": tokens, "metrics": metrics,
+                      "decode": decode}))
+
+
+def decode_counters(metrics: dict | None) -> dict:
+    """Counters whose change over the decode loop tells where its time went: major page faults
+    (file pages read back in), and for edge's engine expert loads, bytes read and stalls."""
+    import resource
+
+    out = {"major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
+    if metrics:
+        loads = metrics["cache_misses"] + sum(x["prefetched"] for x in metrics["per_layer"])
+        out.update(loads=loads, bytes_read=metrics["bytes_read"],
+                   stall_seconds=metrics["stall_seconds"])
+    return out
 
 
 if __name__ == "__main__":

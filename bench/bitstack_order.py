@@ -3,8 +3,9 @@
     python bench/bitstack_order.py            # ~minutes on 2 cores (the greedy ordering dominates)
 
 On the embedded default model, its 16 attention matrices are decomposed (k = 16, 16 blocks each,
-activation-aware scales from the calibration text edge uses for offload bundles). Two global
-orders are built: ``order_by_error`` (largest drop of the scaled squared error per byte) and
+activation-aware scales from the calibration text edge uses for offload bundles). Global orders
+are built: ``order_by_error`` (largest drop of the scaled squared error per byte, relative to
+each matrix's own norm: what bundles use; the absolute-error variant is shown beside it) and
 ``order_by_loss`` (greedy: at every step, every matrix's next block is tried and the one that lowers
 calibration perplexity most per byte is taken — BitStack's perplexity-guided sorting, evaluated
 exhaustively). Then held-out perplexity (text neither ordering saw: the default model's held-out
@@ -85,7 +86,8 @@ def main() -> None:
         return perplexity(all_logits, ids, window=256)
 
     calib_ids = calib[: args.calib_tokens + 1]
-    proxy = order_by_error(errors, nbytes)
+    proxy = order_by_error(errors, nbytes)  # relative error: what bundles use
+    proxy_abs = order_by_error(errors, nbytes, relative=False)
     t0 = time.perf_counter()
     greedy = order_by_loss([len(b) for b in blocks], nbytes, lambda lv: ppl(lv, calib_ids),
                            progress=lambda i, n: print(f"\rgreedy ordering {i}/{n}", end="", file=sys.stderr))
@@ -94,17 +96,19 @@ def main() -> None:
     lo = len(mats)
     sizes = [lo + (total - lo) * f // 8 for f in (1, 2, 4)]
     full = ppl([len(b) for b in blocks], held)
+    eng = ReferenceEngine(weights, n_ctx=512)
+    original = perplexity(lambda w: (eng.truncate(0), eng.eval(list(w), all_logits=True))[1], held, window=256)
     print(f"default model, {len(mats)} attention matrices, k=16, 16 blocks each; held-out perplexity on "
-          f"{len(held) - 1} tokens (full stack: {full:.3f})")
-    print(f"{'blocks':>6} {'MB':>6} {'proxy ppl':>10} {'greedy ppl':>11} {'gap':>7}")
+          f"{len(held) - 1} tokens (original weights: {original:.3f}, full stack: {full:.3f})")
+    print(f"{'blocks':>6} {'MB':>6} {'proxy ppl':>10} {'greedy ppl':>11} {'gap':>7} {'abs-error proxy':>16} {'gap':>7}")
     worst = -1e9
     for n in sizes:
-        pa, pb = levels_at(proxy, n, len(mats)), levels_at(greedy, n, len(mats))
+        pa, pb, pc = (levels_at(o, n, len(mats)) for o in (proxy, greedy, proxy_abs))
         mb = sum(nbytes[j] * pa[j] for j in range(len(mats))) / 1e6
-        a, b = ppl(pa, held), ppl(pb, held)
+        a, b, c = ppl(pa, held), ppl(pb, held), ppl(pc, held)
         gap = (a - b) / b * 100
         worst = max(worst, gap)
-        print(f"{n:6d} {mb:6.2f} {a:10.3f} {b:11.3f} {gap:6.2f}%")
+        print(f"{n:6d} {mb:6.2f} {a:10.3f} {b:11.3f} {gap:6.2f}% {c:16.3f} {(c - b) / b * 100:6.2f}%")
     print(f"max_gap_pct={worst:.2f}")
 
 

@@ -33,13 +33,25 @@ from edge.profile import at_bundle, cached_profile  # noqa: E402
 MiB = 1 << 20
 
 
-def measure(bundle: Path, budget: int | None, opts: dict, tokens: int, threads: int, cold: bool) -> float:
+def measure(bundle: Path, budget: int | None, opts: dict, tokens: int, threads: int, cold: bool) -> dict:
     """Offload plans run cold inside a cap equal to their budget; llama.cpp plans warm, uncapped."""
     result = run("edge", bundle, budget if cold else None, tokens, threads,
                  dict(opts, memory_budget=budget) if budget else opts, cold=cold)
     if "failed" in result:
         raise RuntimeError(f"{bundle.name}: {result['failed']}")
-    return result["decode_tok_s"]
+    return result
+
+
+def where_time_went(p, results: list[dict], tokens: int) -> str:
+    """Medians of what the decode loop did, beside what the plan assumed (for offload plans)."""
+    med = lambda key: statistics.median(r["decode"].get(key, 0) for r in results)  # noqa: E731
+    text = f"major faults {med('major_faults'):.0f}"
+    if p.predicted_loads_per_token is not None:
+        loads = med("loads") / tokens
+        text += (f", loads/token {p.predicted_loads_per_token:.1f} planned vs {loads:.1f} done, "
+                 f"{p.predicted_load_s * 1e3:.1f} ms/load planned, stalls {med('stall_seconds') / tokens * 1e3:.0f} "
+                 f"ms/token")
+    return text
 
 
 def main() -> None:
@@ -58,11 +70,9 @@ def main() -> None:
         edge.build(None, small_off, format="offload")
     for b in (small_gguf, small_off, synth_gguf, synth_off):  # verify once, before timing
         edge.load(b).close()
-    # measured now, as edge deploy does: this VM's speed drifts over hours (the default model's
-    # llama.cpp decode ran at 3,400-4,800 tok/s on different hours of one day), so a day-old
-    # cached profile would test the drift, not the planner
-    device = cached_profile(refresh=True)
-    threads = device.cores_physical
+    # profiled right before each plan, as edge deploy does: this VM's speed drifts by 25-40% within
+    # tens of minutes (docs/planner.md), so a profile from the start of the run would test the drift
+    threads = cached_profile().cores_physical
     cases = [  # (label, bundle, budget, bits, backend, engine options)
         ("default model, llama.cpp", small_gguf, None, 4, "llamacpp", {}),
         ("default model, offload, 300 MiB", small_off, 300 * MiB, 4, "offload", {"pin_bits": True}),
@@ -72,9 +82,10 @@ def main() -> None:
          {"pin_bits": True, "bits": 2, "min_bits": 2}),
         ("synthetic, llama.cpp (fits)", synth_gguf, None, 4, "llamacpp", {}),
     ]
-    rows, worst = [], 0.0
+    rows, notes, worst = [], [], 0.0
     for label, bundle, budget, bits, backend, opts in cases:
         m = read_manifest(bundle)
+        device = cached_profile(refresh=True)
         if backend == "offload":  # as edge plan/deploy do: the read speed of this bundle's own store
             drop_caches()
             dev = at_bundle(device, bundle)
@@ -82,17 +93,20 @@ def main() -> None:
             dev = device
         p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
                  locality=m.locality, model_name=bundle.name, backend=backend)
-        got = statistics.median(measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
-                                for _ in range(args.runs))
+        results = [measure(bundle, budget, opts, args.tokens, threads, backend == "offload") for _ in range(args.runs)]
+        got = statistics.median(r["decode_tok_s"] for r in results)
         err = abs(p.predicted_decode_tok_s - got) / got * 100
         worst = max(worst, err)
         rows.append((label, p.backend, p.cache_slots_per_layer, p.predicted_decode_tok_s, got, err))
+        notes.append((label, where_time_went(p, results, args.tokens)))
         print(f"{label}: predicted {p.predicted_decode_tok_s:.2f}, measured {got:.2f} tok/s", file=sys.stderr, flush=True)
     print(f"device: {device.name} ({device.cpu_model}, {device.cores_physical} cores), {args.tokens} tokens, "
           f"median of {args.runs}")
     print(f"{'plan':36s} {'backend':9s} {'slots/layer':>11s} {'predicted tok/s':>15s} {'measured tok/s':>14s} {'error':>7s}")
     for label, backend, slots, pred, got, err in rows:
         print(f"{label:36s} {backend:9s} {slots_text(slots):>11} {pred:15.2f} {got:14.2f} {err:6.1f}%")
+    for label, text in notes:
+        print(f"  {label}: {text}")
     print(f"max_error_pct={worst:.1f}")
 
 

@@ -51,6 +51,8 @@ class Plan:
     predicted_prefill_tok_s: float | None
     predicted_ttft_s: float | None
     reasons: tuple[str, ...] = field(default=())
+    predicted_loads_per_token: float | None = None  # offload: expert loads per decoded token
+    predicted_load_s: float | None = None  # offload: seconds per expert load (read + checksum + convert)
 
 
 def gemv_stream_bps(gemv_q4_gflops: float) -> float:
@@ -140,7 +142,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
         reasons.append(f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts; "
                        f"cache {cache_why} experts per layer, {loads:.1f} loads per token")
         return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                    slots, 1, int(peak), None, None, None, tuple(reasons))
+                    slots, 1, int(peak), None, None, None, tuple(reasons), loads, load_s)
     step = active / stream + fixed_s + loads * load_s
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
                 f"cache: {cache_why} experts per layer ({sum(slots)} slots, {format_bytes(sum(slots) * slot)}) after "
@@ -155,7 +157,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     prefill = 1 / (active / stream / PREFILL_REUSE + fixed_s)
     ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                slots, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons))
+                slots, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons), loads, load_s)
 
 
 def slots_text(slots: tuple[int, ...] | None) -> str:

@@ -57,7 +57,7 @@ def test_activation_scaling_protects_loud_inputs(wq):
 def test_orderings_keep_each_stack_in_order_and_cover_every_block():
     errors = [[10, 4, 2, 1], [8, 7, 6.5, 6.3], [30, 5, 4, 3.9]]
     nbytes = [100, 100, 300]
-    order = order_by_error(errors, nbytes, min_blocks=1)
+    order = order_by_error(errors, nbytes, min_blocks=1, relative=False)
     assert sorted((o.matrix, o.level) for o in order) == [(j, lv) for j in range(3) for lv in range(3)]
     for j in range(3):
         assert [o.level for o in order if o.matrix == j] == [0, 1, 2]
@@ -66,3 +66,16 @@ def test_orderings_keep_each_stack_in_order_and_cover_every_block():
     # The loss-guided ordering on a loss that is exactly the summed error picks the same blocks.
     loss = lambda lv: sum(errors[j][lv[j]] for j in range(3))  # noqa: E731
     assert order_by_loss([3, 3, 3], nbytes, loss, min_blocks=1) == order
+    # The relative proxy (the default) is the same greedy choice on each matrix's error share.
+    rel_loss = lambda lv: sum(errors[j][lv[j]] / errors[j][0] for j in range(3))  # noqa: E731
+    relative = order_by_error(errors, nbytes, min_blocks=1)
+    assert order_by_loss([3, 3, 3], nbytes, rel_loss, min_blocks=1) == relative
+
+
+def test_relative_ordering_does_not_let_a_loud_matrix_take_every_block():
+    # matrix 1 has 100x the scaled error of matrix 0 but corrects a smaller share per block
+    errors = [[1.0, 0.5, 0.25, 0.125], [100.0, 70.0, 49.0, 34.3]]
+    absolute = order_by_error(errors, [1, 1], relative=False)
+    relative = order_by_error(errors, [1, 1])
+    assert [o.matrix for o in absolute[2:4]] == [1, 1]  # absolute: the loud matrix takes all it has
+    assert [o.matrix for o in relative[2:4]] == [0, 1]  # relative: the larger share of its own matrix
