@@ -9,13 +9,14 @@ F32: the common starting point. From it:
 * edge's BitStack (edge/quant/bitstack.py, k = 16, 16 blocks) decomposes every linear matrix of
   every layer (q, k, v, o, gate, up, down: 126 matrices, 100.3 M weights) with activation scales
   from calibration text (inputs observed in transformers' Gemma 3, run on the same F32 weights),
-  ordered by the error proxy into one stack (edge/quant/stack.py, the format offload bundles use).
+  ordered by the relative-error proxy into one stack (edge/quant/stack.py, the format offload bundles use).
 
 A BitStack model "at size X" is the first N blocks of the stack, N the most whose bytes (blocks
 + fp32 activation scales) fit in X. Its matrices are rebuilt from those blocks and written into
 a GGUF with the embedding copied from the quantization it is compared with (so the two differ
 only in the linear matrices), then llama.cpp scores it like the others. Sizes: the linear-matrix
-bytes of each llama.cpp quantization, plus two below the smallest of them.
+bytes of each llama.cpp quantization, two below the smallest of them, 1.5x the largest and the
+full stack (16 blocks per matrix).
 
 Text: Python's documentation topics (``pydoc_data.topics``, in every CPython), split by topic:
 calibration reads the first 60%, perplexity is measured on the rest (text the calibration did
@@ -185,7 +186,7 @@ def build_stack(f32: Path, calib: list[int], bos: int, windows: int, work: Path,
     import gguf
 
     meta = {"source": sha256(f32), "calib_tokens": hashlib.sha256(np.asarray(calib, np.int64).tobytes()).hexdigest(),
-            "windows": windows, "k": K_DEFAULT, "blocks": BLOCKS_DEFAULT}
+            "windows": windows, "k": K_DEFAULT, "blocks": BLOCKS_DEFAULT, "order": "relative error per byte"}
     path, index_path = work / "gemma.stack", work / "gemma.stack.json"
     if index_path.exists():
         saved = json.loads(index_path.read_text())
@@ -305,8 +306,11 @@ def main() -> None:
         smallest = min(rows, key=lambda r: r["bytes"])
         targets = [(r["bytes"], r["embed"], f"= {r['name']}") for r in rows]
         lo = index.bytes_at(index.min_blocks) + scale_bytes
+        largest = max(rows, key=lambda r: r["bytes"])
         targets += [(lo, smallest["embed"], "1 block/matrix"),
-                    ((lo + smallest["bytes"]) // 2, smallest["embed"], "between"),]
+                    ((lo + smallest["bytes"]) // 2, smallest["embed"], "between"),
+                    (largest["bytes"] * 3 // 2, largest["embed"], f"1.5x {largest['name']}"),
+                    (index.full_bytes + scale_bytes, largest["embed"], "full stack")]
         stack = LoadedStack(stack_path, index)
         try:
             for budget, embed, label in targets:
