@@ -36,6 +36,18 @@ def test_a_model_that_fits_runs_whole_on_llama_cpp():
     assert any("fits" in r for r in p.reasons)
 
 
+def test_a_cache_resident_model_costs_its_measured_fixed_cost_only(big):
+    spec = edge.inspect()  # 4.4 M parameters: a few MB at 4 bits
+    cached = replace(THIS, llc_bytes=32 << 20)
+    p = plan(spec, cached, context=512)
+    assert p.predicted_decode_tok_s == pytest.approx(1e6 / (spec.n_layers * THIS.llama_layer_us))
+    assert any("last-level cache" in r for r in p.reasons)
+    # without a known cache, or for a model larger than it, the weights stream from DRAM on top
+    assert plan(spec, THIS, context=512).predicted_decode_tok_s < p.predicted_decode_tok_s
+    off = plan(big, cached, budget_bytes=600 << 20, context=512)
+    assert not any("last-level cache" in r for r in off.reasons)
+
+
 def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
     p = plan(big, THIS, budget_bytes=600 << 20, context=512)
     assert p.backend == "offload"
