@@ -59,6 +59,7 @@ class HardwareProfile:
     llama_rpc: bool
     checksum_mbps: float | None = None  # zlib.crc32 over an expert record, MB/s (None: not measured)
     llc_bytes: int | None = None  # the largest CPU cache (sysfs); weights that fit stay cache-resident
+    convert_2bit_mbps: float | None = None  # as convert_mbps from a 2-bit prefix (fewer planes: faster)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -219,7 +220,7 @@ def store_load_costs(bundle: Path, reads: int = 48, records: int = 16) -> dict[s
         mbps, latency = scattered_read_fit(store._fd, [index.offset(*p) for p in picks[:reads]], sizes, buf)
         layout = index.layout
         out, scratch = np.empty(q4_1_bytes(layout), np.uint8), np.empty(layout.n_weights, np.uint8)
-        crc, conv = [], []
+        crc, conv, conv2 = [], [], []
         for layer, expert in picks[:records]:
             view = buf[: sizes[1]]
             os.preadv(store._fd, [view], index.offset(layer, expert))
@@ -227,11 +228,15 @@ def store_load_costs(bundle: Path, reads: int = 48, records: int = 16) -> dict[s
             store._verify(layer, expert, 4, view)
             t1 = time.perf_counter()
             to_q4_1(view, layout, 4, out=out, scratch=scratch)
+            t2 = time.perf_counter()
+            to_q4_1(buf[: sizes[0]], layout, 2, out=out, scratch=scratch)  # 2 of the 4 bits' planes
             crc.append(t1 - t0)
-            conv.append(time.perf_counter() - t1)
+            conv.append(t2 - t1)
+            conv2.append(time.perf_counter() - t2)
         return {"read_mbps": mbps, "latency_ms": latency,
                 "checksum_mbps": layout.prefix_bytes(4) / statistics.median(crc) / 1e6,
-                "convert_mbps": out.nbytes / statistics.median(conv) / 1e6}
+                "convert_mbps": out.nbytes / statistics.median(conv) / 1e6,
+                "convert_2bit_mbps": out.nbytes / statistics.median(conv2) / 1e6}
     finally:
         store.close()
 
@@ -247,6 +252,7 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     return HardwareProfile.from_dict(profile.to_dict() | {
         "storage_chunk_read_mbps": round(costs["read_mbps"]), "storage_chunk_latency_ms": round(costs["latency_ms"], 3),
         "checksum_mbps": round(costs["checksum_mbps"]), "convert_mbps": round(costs["convert_mbps"]),
+        "convert_2bit_mbps": round(costs["convert_2bit_mbps"]),
         "storage_path": str(Path(bundle) / "experts.bin")})
 
 

@@ -48,6 +48,15 @@ def test_a_cache_resident_model_costs_its_measured_fixed_cost_only(big):
     assert not any("last-level cache" in r for r in off.reasons)
 
 
+def test_a_2_bit_plan_uses_the_2_bit_conversion_rate(big):
+    fast = replace(THIS, convert_2bit_mbps=4 * THIS.convert_mbps)
+    two, two_fast = (plan(big, d, budget_bytes=600 << 20, context=512, bits=2) for d in (THIS, fast))
+    assert two_fast.predicted_load_s < two.predicted_load_s
+    assert any(f"conversion at {4 * THIS.convert_mbps:.0f} MB/s" in r for r in two_fast.reasons)
+    four = plan(big, fast, budget_bytes=600 << 20, context=512, bits=4)  # 4-bit loads: the 4-bit rate
+    assert any(f"conversion at {THIS.convert_mbps:.0f} MB/s" in r for r in four.reasons)
+
+
 def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
     p = plan(big, THIS, budget_bytes=600 << 20, context=512)
     assert p.backend == "offload"
