@@ -106,7 +106,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
         decode = prefill = ttft = None
         if stream:
             fixed_s, fixed_why = _fixed(device.llama_layer_us, L, "llama.cpp")
-            weights_s, weights_why = _weights_s(active, whole - kv16 - LLAMA_OVERHEAD_BYTES, stream, device)
+            weights_s, weights_why = _weights_s(active, whole - kv16 - LLAMA_OVERHEAD_BYTES, stream, device,
+                                                device.llama_layer_us is not None)
             step = weights_s + fixed_s
             decode, prefill = 1 / step, 1 / (weights_s / PREFILL_REUSE + fixed_s)
             ttft = prompt / prefill
@@ -145,7 +146,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                        f"cache {cache_why} experts per layer, {loads:.1f} loads per token")
         return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                     slots, 1, int(peak), None, None, None, tuple(reasons), loads, load_s)
-    weights_s, weights_why = _weights_s(active, spec.dense_params * q8 + sum(slots) * slot, stream, device)
+    weights_s, weights_why = _weights_s(active, spec.dense_params * q8 + sum(slots) * slot, stream, device,
+                                        device.offload_layer_us is not None)
     step = weights_s + fixed_s + loads * load_s
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
                 f"cache: {cache_why} experts per layer ({sum(slots)} slots, {format_bytes(sum(slots) * slot)}) after "
@@ -185,12 +187,13 @@ def _loads_per_token(locality: dict, slots: tuple[int, ...], L: int, E: int, K: 
     return L * K * (1 - c / E), f"hit rate {c / E:.2f}: uniform routing assumed, no trace"
 
 
-def _weights_s(active: float, resident: float, stream: float, device: HardwareProfile) -> tuple[float, str]:
+def _weights_s(active: float, resident: float, stream: float, device: HardwareProfile,
+               fixed_measured: bool) -> tuple[float, str]:
     """Seconds per token spent reading weights: the active bytes at the streaming rate, or none
-    beyond the fixed cost when every resident weight fits in the last-level cache. The fixed-cost
-    probes run the embedded model, which is cache-resident, so its reads are inside them; on this
-    VM (32 MB cache) adding DRAM time for such a model predicted its decode 30-50% slow or fast."""
-    fixed_measured = device.llama_layer_us is not None or device.offload_layer_us is not None
+    beyond the (measured) fixed cost when every resident weight fits in the last-level cache. The
+    fixed-cost probes run the embedded model, which is cache-resident, so its reads are inside
+    them; on this VM (32 MB cache) also counting DRAM time for it put the fixed cost at 17 µs per
+    layer instead of ~50 and predicted the default model 50% fast."""
     if fixed_measured and device.llc_bytes and resident <= device.llc_bytes:
         return 0.0, (f"all {format_bytes(resident)} of weights stay in the {format_bytes(device.llc_bytes)} "
                      f"last-level cache (their reads are inside the measured fixed cost)")
