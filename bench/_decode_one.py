@@ -9,6 +9,7 @@ on a bundle). Prints one JSON line: prefill and decode timings, and edge's engin
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 
@@ -41,8 +42,6 @@ def main() -> None:
         m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, offload=OffloadOptions(**opts))
         prompt = m.tokenize(PROMPT)
         step = m.backend.eval
-    import resource
-
     t1 = time.perf_counter()
     logits = step(prompt)
     t_prefill = time.perf_counter()
@@ -69,8 +68,6 @@ def main() -> None:
 def decode_counters(metrics: dict | None) -> dict:
     """Counters whose change over the decode loop tells where its time went: major page faults
     (file pages read back in), and for edge's engine expert loads, bytes read and stalls."""
-    import resource
-
     out = {"major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
     if metrics and "cache_misses" in metrics:  # the offload engine (edge on a GGUF runs llama.cpp)
         loads = metrics["cache_misses"] + sum(x["prefetched"] for x in metrics["per_layer"])

@@ -44,8 +44,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from _gguf_rewrite import dequantize_gguf, dequantized, rewrite_gguf  # noqa: E402
 from edge.formats.gguf_write import quantize_gguf  # noqa: E402
-from edge.quant.bitstack import BLOCKS_DEFAULT, K_DEFAULT, activation_scales, block_bytes, decompose, order_by_error  # noqa: E402
-from edge.quant.stack import LoadedStack, StackIndex, write_stack  # noqa: E402
+from edge.bundle import sha256_file  # noqa: E402
+from edge.quant.bitstack import BLOCKS_DEFAULT, K_DEFAULT, activation_scales  # noqa: E402
+from edge.quant.stack import LoadedStack, StackIndex  # noqa: E402
+from edge.quant.stack_build import decompose_to_stack  # noqa: E402
 from edge.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 from edge.runtime.perplexity import perplexity  # noqa: E402
 
@@ -80,14 +82,6 @@ def texts() -> tuple[str, str]:
     keys = sorted(topics)
     cut = int(len(keys) * CALIB_SHARE)
     return ("\n\n".join(topics[k] for k in keys[:cut]), "\n\n".join(topics[k] for k in keys[cut:]))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def linear_bytes(gguf_path: Path) -> tuple[int, int]:
@@ -185,7 +179,7 @@ def build_stack(f32: Path, calib: list[int], bos: int, windows: int, work: Path,
     """Decompose every linear matrix and write the ordered stack (reused when its inputs match)."""
     import gguf
 
-    meta = {"source": sha256(f32), "calib_tokens": hashlib.sha256(np.asarray(calib, np.int64).tobytes()).hexdigest(),
+    meta = {"source": sha256_file(f32), "calib_tokens": hashlib.sha256(np.asarray(calib, np.int64).tobytes()).hexdigest(),
             "windows": windows, "k": K_DEFAULT, "blocks": BLOCKS_DEFAULT, "order": "relative error per byte"}
     path, index_path = work / "gemma.stack", work / "gemma.stack.json"
     if index_path.exists():
@@ -193,26 +187,21 @@ def build_stack(f32: Path, calib: list[int], bos: int, windows: int, work: Path,
         if saved.get("meta") == meta and path.exists():
             return path, StackIndex.from_dict(saved["index"]), saved["names"]
     scales, hf_weights = calibration_scales(f32, calib, bos, windows, bar)
-    reader = gguf.GGUFReader(f32)
-    mats = [t for t in reader.tensors if LINEAR_RE.match(t.name)]
-    names, matrices, scale_list, blocks, errors, nbytes = [], [], [], [], [], []
+    mats = [t for t in gguf.GGUFReader(f32).tensors if LINEAR_RE.match(t.name)]
+    names = [t.name for t in mats]
+
+    def matrices():
+        for t in mats:
+            w = dequantized(t)
+            if not np.array_equal(w, hf_weights[t.name]):  # the scales must belong to this very matrix
+                raise SystemExit(f"{t.name}: transformers holds different weights than the GGUF")
+            layer, short = LINEAR_RE.match(t.name).groups()
+            yield int(layer), short, w, scales[t.name]
+
     task = bar.add_task("BitStack decomposition", total=len(mats))
-    for t in mats:
-        w = dequantized(t)
-        if not np.array_equal(w, hf_weights[t.name]):  # the scales must belong to this very matrix
-            raise SystemExit(f"{t.name}: transformers holds different weights than the GGUF")
-        layer, short = LINEAR_RE.match(t.name).groups()
-        bl, err = decompose(w, scales[t.name])
-        names.append(t.name)
-        matrices.append((int(layer), short, *w.shape))
-        scale_list.append(scales[t.name])
-        blocks.append(bl)
-        errors.append(err)
-        nbytes.append(block_bytes(w.shape, K_DEFAULT))
-        bar.advance(task)
-    bar.remove_task(task)
     tmp = path.with_name(path.name + ".part")
-    index = write_stack(tmp, matrices, scale_list, blocks, order_by_error(errors, nbytes), K_DEFAULT)
+    index = decompose_to_stack(matrices(), tmp, done=lambda n: bar.update(task, completed=n))
+    bar.remove_task(task)
     tmp.replace(path)
     index_path.write_text(json.dumps({"meta": meta, "index": index.to_dict(), "names": names}))
     return path, index, names

@@ -76,14 +76,17 @@ def main() -> None:
             setattr(wts.layers[i], name, reconstruct(bl[:lv], s))
         return wts
 
-    def ppl(levels: list[int], ids: list[int]) -> float:
-        eng = ReferenceEngine(model_at(levels), n_ctx=512)
+    def ppl_of(wts, ids: list[int]) -> float:
+        eng = ReferenceEngine(wts, n_ctx=512)
 
         def all_logits(window):
             eng.truncate(0)
             return eng.eval(list(window), all_logits=True)
 
         return perplexity(all_logits, ids, window=256)
+
+    def ppl(levels: list[int], ids: list[int]) -> float:
+        return ppl_of(model_at(levels), ids)
 
     calib_ids = calib[: args.calib_tokens + 1]
     proxy = order_by_error(errors, nbytes)  # relative error: what bundles use
@@ -96,8 +99,7 @@ def main() -> None:
     lo = len(mats)
     sizes = [lo + (total - lo) * f // 8 for f in (1, 2, 4)]
     full = ppl([len(b) for b in blocks], held)
-    eng = ReferenceEngine(weights, n_ctx=512)
-    original = perplexity(lambda w: (eng.truncate(0), eng.eval(list(w), all_logits=True))[1], held, window=256)
+    original = ppl_of(weights, held)
     print(f"default model, {len(mats)} attention matrices, k=16, 16 blocks each; held-out perplexity on "
           f"{len(held) - 1} tokens (original weights: {original:.3f}, full stack: {full:.3f})")
     print(f"{'blocks':>6} {'MB':>6} {'proxy ppl':>10} {'greedy ppl':>11} {'gap':>7} {'abs-error proxy':>16} {'gap':>7}")

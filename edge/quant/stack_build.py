@@ -10,7 +10,7 @@ loss-guided ordering). Routed experts are not stacked: they are the nested-bit e
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +41,26 @@ def build_stack(weights: ModelWeights, tokens: list[int], path: Path, *, k: int 
     """Decompose every layer's attention matrices and write the ordered stack to ``path``."""
     say("BitStack: activation scales from calibration text")
     scales_in = input_scales(weights, tokens)
-    matrices, scales, blocks, errors, nbytes = [], [], [], [], []
     total = len(weights.layers) * len(STACK_FIELDS)
-    for i, lw in enumerate(weights.layers):
-        for name in STACK_FIELDS:
-            w = np.asarray(getattr(lw, name), dtype=np.float32)
-            s = scales_in[(i, "wo" if name == "wo" else "wq")]
-            bl, err = decompose(w, s, n_blocks=n_blocks, k=k)
-            matrices.append((i, name, *w.shape))
-            scales.append(s)
-            blocks.append(bl)
-            errors.append(err)
-            nbytes.append(block_bytes(w.shape, bl[0].a.shape[1]))
-            say(f"BitStack: decomposed {len(matrices)}/{total} matrices")
+    mats = ((i, name, np.asarray(getattr(lw, name), dtype=np.float32), scales_in[(i, "wo" if name == "wo" else "wq")])
+            for i, lw in enumerate(weights.layers) for name in STACK_FIELDS)
+    return decompose_to_stack(mats, path, k=k, n_blocks=n_blocks,
+                              done=lambda n: say(f"BitStack: decomposed {n}/{total} matrices"))
+
+
+def decompose_to_stack(mats: Iterable[tuple[int, str, np.ndarray, np.ndarray]], path: Path, *, k: int = K_DEFAULT,
+                       n_blocks: int = BLOCKS_DEFAULT, done: Callable[[int], None] = lambda n: None) -> StackIndex:
+    """Decompose each (layer, name, matrix, activation scales) and write all blocks to ``path`` as
+    one stack in the error-proxy order; ``done(n)`` after each matrix."""
+    matrices, scales, blocks, errors, nbytes = [], [], [], [], []
+    for layer, name, w, s in mats:
+        bl, err = decompose(w, s, n_blocks=n_blocks, k=k)
+        matrices.append((layer, name, *w.shape))
+        scales.append(s)
+        blocks.append(bl)
+        errors.append(err)
+        nbytes.append(block_bytes(w.shape, bl[0].a.shape[1]))
+        done(len(matrices))
     k_used = {bl[0].a.shape[1] for bl in blocks}
     if len(k_used) != 1:  # decompose clamps k to the smaller side; one stack holds one rank
         raise ValueError(f"matrices smaller than rank {k} cannot share a stack (ranks {sorted(k_used)})")
