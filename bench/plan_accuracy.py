@@ -3,10 +3,11 @@ that differ in backend, memory budget (enforced by a cgroup cap) and bits.
 
     sudo python bench/plan_accuracy.py          # needs bench/offload.py's model (built if missing)
 
-Each plan is made by edge.planner from this machine's profile (edge profile) and then run as
-planned: llama.cpp plans on a gguf bundle (page cache warm: a model that fits stays cached),
+Each plan is made by edge.planner from this machine's profile (edge profile), measured right
+before it, and then run as planned, once per round (--runs rounds): llama.cpp plans on a gguf bundle (page cache warm: a model that fits stays cached),
 offload plans on an offload bundle inside a cgroup cap equal to the budget (page cache dropped
-first). Decode: 64 greedy tokens after a short prompt, median of --runs. Results: docs/planner.md.
+first). Decode: 64 greedy tokens after a short prompt; the table compares the median prediction
+with the median measurement. Results: docs/planner.md.
 The last line is machine-readable: max_error_pct=<largest |predicted - measured| / measured, in %>.
 """
 
@@ -42,15 +43,20 @@ def measure(bundle: Path, budget: int | None, opts: dict, tokens: int, threads: 
     return result
 
 
-def where_time_went(p, results: list[dict], tokens: int) -> str:
-    """Medians of what the decode loop did, beside what the plan assumed (for offload plans)."""
+def where_time_went(plans: list, results: list[dict], tokens: int) -> str:
+    """Medians of what the decode loop did, beside what the plans assumed (for offload plans), and
+    the spread of the predictions and measurements over the rounds."""
     med = lambda key: statistics.median(r["decode"].get(key, 0) for r in results)  # noqa: E731
-    text = f"major faults {med('major_faults'):.0f}"
+    pred = [p.predicted_decode_tok_s for p in plans]
+    got = [r["decode_tok_s"] for r in results]
+    text = (f"predicted {min(pred):.2f}-{max(pred):.2f}, measured {min(got):.2f}-{max(got):.2f} tok/s; "
+            f"major faults {med('major_faults'):.0f}")
+    p = plans[0]
     if p.predicted_loads_per_token is not None:
         loads = med("loads") / tokens
+        load_ms = statistics.median(q.predicted_load_s for q in plans) * 1e3
         text += (f", loads/token {p.predicted_loads_per_token:.1f} planned vs {loads:.1f} done, "
-                 f"{p.predicted_load_s * 1e3:.1f} ms/load planned, stalls {med('stall_seconds') / tokens * 1e3:.0f} "
-                 f"ms/token")
+                 f"{load_ms:.1f} ms/load planned, stalls {med('stall_seconds') / tokens * 1e3:.0f} ms/token")
     return text
 
 
@@ -59,6 +65,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/edge-bench"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--only", default="", help="run only the plans whose label contains this text")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("error: needs root (cgroup memory limits and drop_caches)")
@@ -70,8 +77,6 @@ def main() -> None:
         edge.build(None, small_off, format="offload")
     for b in (small_gguf, small_off, synth_gguf, synth_off):  # verify once, before timing
         edge.load(b).close()
-    # profiled right before each plan, as edge deploy does: this VM's speed drifts by 25-40% within
-    # tens of minutes (docs/planner.md), so a profile from the start of the run would test the drift
     threads = cached_profile().cores_physical
     cases = [  # (label, bundle, budget, bits, backend, engine options)
         ("default model, llama.cpp", small_gguf, None, 4, "llamacpp", {}),
@@ -82,26 +87,42 @@ def main() -> None:
          {"pin_bits": True, "bits": 2, "min_bits": 2}),
         ("synthetic, llama.cpp (fits)", synth_gguf, None, 4, "llamacpp", {}),
     ]
+    cases = [c for c in cases if args.only in c[0]]
+    if not cases:
+        sys.exit(f"error: no plan label contains {args.only!r}")
+    # Rounds: every plan is planned from a profile measured right before it (as edge deploy does)
+    # and run once per round, so each plan's samples spread over the whole run and each
+    # measurement has its own fresh prediction: this VM's speed drifts by 25-40% within minutes
+    # (docs/planner.md), and a profile from the start of the run would test the drift.
+    preds: dict[str, list] = {c[0]: [] for c in cases}
+    results: dict[str, list[dict]] = {c[0]: [] for c in cases}
+    for r in range(args.runs):
+        for label, bundle, budget, bits, backend, opts in cases:
+            m = read_manifest(bundle)
+            device = cached_profile(refresh=True)
+            if backend == "offload":  # as edge plan/deploy do: the read speed of this bundle's own store
+                drop_caches()
+                dev = at_bundle(device, bundle)
+            else:
+                dev = device
+            p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
+                     locality=m.locality, model_name=bundle.name, backend=backend)
+            got = measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
+            preds[label].append(p)
+            results[label].append(got)
+            print(f"round {r + 1}/{args.runs} {label}: predicted {p.predicted_decode_tok_s:.2f}, "
+                  f"measured {got['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
     rows, notes, worst = [], [], 0.0
-    for label, bundle, budget, bits, backend, opts in cases:
-        m = read_manifest(bundle)
-        device = cached_profile(refresh=True)
-        if backend == "offload":  # as edge plan/deploy do: the read speed of this bundle's own store
-            drop_caches()
-            dev = at_bundle(device, bundle)
-        else:
-            dev = device
-        p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
-                 locality=m.locality, model_name=bundle.name, backend=backend)
-        results = [measure(bundle, budget, opts, args.tokens, threads, backend == "offload") for _ in range(args.runs)]
-        got = statistics.median(r["decode_tok_s"] for r in results)
-        err = abs(p.predicted_decode_tok_s - got) / got * 100
+    for label, *_ in cases:
+        ps = preds[label]
+        pred = statistics.median(p.predicted_decode_tok_s for p in ps)
+        got = statistics.median(r["decode_tok_s"] for r in results[label])
+        err = abs(pred - got) / got * 100
         worst = max(worst, err)
-        rows.append((label, p.backend, p.cache_slots_per_layer, p.predicted_decode_tok_s, got, err))
-        notes.append((label, where_time_went(p, results, args.tokens)))
-        print(f"{label}: predicted {p.predicted_decode_tok_s:.2f}, measured {got:.2f} tok/s", file=sys.stderr, flush=True)
+        rows.append((label, ps[0].backend, ps[0].cache_slots_per_layer, pred, got, err))
+        notes.append((label, where_time_went(ps, results[label], args.tokens)))
     print(f"device: {device.name} ({device.cpu_model}, {device.cores_physical} cores), {args.tokens} tokens, "
-          f"median of {args.runs}")
+          f"medians of {args.runs} rounds")
     print(f"{'plan':36s} {'backend':9s} {'slots/layer':>11s} {'predicted tok/s':>15s} {'measured tok/s':>14s} {'error':>7s}")
     for label, backend, slots, pred, got, err in rows:
         print(f"{label:36s} {backend:9s} {slots_text(slots):>11} {pred:15.2f} {got:14.2f} {err:6.1f}%")

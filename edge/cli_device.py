@@ -52,6 +52,7 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
         ("ggml graph call (ctypes)", fmt(p.ggml_call_us, "µs")),
         ("expert conversion to Q4_1", fmt(p.convert_mbps, "MB/s")),
         ("llama.cpp fixed cost per layer", fmt(p.llama_layer_us, "µs")),
+        ("llama.cpp MoE decode, Q4_1 weights", fmt(p.llama_stream_gbps, "GB/s")),
         ("offload engine fixed cost per layer", fmt(p.offload_layer_us, "µs")),
         ("GPU", p.gpu or "none found"),
         ("ONNX Runtime providers", ", ".join(p.ort_providers) or "-"),

@@ -4,8 +4,9 @@ Pure: numbers in, numbers out, no I/O. Every predicted figure is a sum of terms 
 ``Plan.reasons``, so a user can see why a plan is fast or slow. The terms:
 
 * bytes a decode step touches: dense weights + K of E experts per layer, at the plan's bits;
-* how fast this device streams weights through a matrix-vector kernel: the profiler's ggml Q4_1
-  GEMV throughput (measured), or for a device profile 70% of its published peak DRAM bandwidth
+* how fast this device streams weights through a matrix-vector kernel: for llama.cpp its measured
+  MoE decode streaming rate, for the offload engine (which runs ggml graphs of its own) the
+  profiler's ggml Q4_1 GEMV throughput, or for a device profile 70% of its published peak DRAM bandwidth
   (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
 * a fixed cost per layer per token (kernel launches, Python), measured by the profiler on the
   embedded default model for llama.cpp and for the offload engine;
@@ -60,7 +61,10 @@ def gemv_stream_bps(gemv_q4_gflops: float) -> float:
     return gemv_q4_gflops * 1e9 / 2 * BPW["q4_1"] / 8
 
 
-def _stream_bytes_per_s(device: HardwareProfile) -> tuple[float | None, str]:
+def _stream_bytes_per_s(device: HardwareProfile, backend: str) -> tuple[float | None, str]:
+    if backend == "llamacpp" and device.llama_stream_gbps:
+        return device.llama_stream_gbps * 1e9, (f"measured llama.cpp MoE decode {device.llama_stream_gbps:.1f} GB/s "
+                                                f"of Q4_1 weights")
     if device.gemv_q4_gflops:
         bps = gemv_stream_bps(device.gemv_q4_gflops)
         return bps, f"measured ggml Q4_1 GEMV {device.gemv_q4_gflops:.0f} GFLOP/s = {bps / 1e9:.1f} GB/s of weights"
@@ -86,8 +90,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     budget = budget_bytes if budget_bytes is not None else device.usable_memory_bytes
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     threads = device.cores_physical
-    stream, stream_why = _stream_bytes_per_s(device)
-    reasons = [f"weights stream at {stream_why}"]
+    reasons = []
     wtype = "q4_1" if bits == 4 else f"nested-{bits}"
     q4, q8 = BPW["q4_1"] / 8, BPW["q8_0"] / 8
     experts_q4 = spec.expert_params * q4
@@ -96,6 +99,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     prompt = 64  # tokens: the time-to-first-token prediction assumes a 64-token prompt
     fits = whole <= budget
     if backend == "llamacpp" or (backend == "auto" and fits):
+        stream, stream_why = _stream_bytes_per_s(device, "llamacpp")
+        reasons.append(f"weights stream at {stream_why}")
         if not fits:
             raise EdgeError(f"needs {format_bytes(whole)} to run whole with llama.cpp at 4 bits; budget is "
                             f"{format_bytes(budget)} (use the offload backend)")
@@ -114,6 +119,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
             reasons.append(f"decode: {weights_why} + {fixed_why} -> {decode:.1f} tokens/s")
         return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
                     int(whole), decode, prefill, ttft, tuple(reasons))
+    stream, stream_why = _stream_bytes_per_s(device, "offload")
+    reasons.append(f"weights stream at {stream_why}")
     slot = spec.expert_params / (L * E) * q4
     kv32 = kv16 * 2  # the offload engine keeps K and V in f32
     fixed_bytes = spec.dense_params * q8 + kv32 + OFFLOAD_RUNTIME_BYTES

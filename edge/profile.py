@@ -5,6 +5,8 @@ memory bandwidth as a STREAM-style copy (bytes read + bytes written per second, 
 as O_DIRECT sequential 4 MiB reads and random 4 KiB reads of a scratch file at the given
 location (plus a buffered cold read after dropping that file's pages), and kernel throughput as
 ggml Q4_1 / Q8_0 matrix-vector products through the same ctypes path the offload engine uses.
+The probes that decode with a runtime (fixed costs per layer, llama.cpp's MoE streaming rate) are
+in edge/profile_decode.py.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class HardwareProfile:
     checksum_mbps: float | None = None  # zlib.crc32 over an expert record, MB/s (None: not measured)
     llc_bytes: int | None = None  # the largest CPU cache (sysfs); weights that fit stay cache-resident
     convert_2bit_mbps: float | None = None  # as convert_mbps from a 2-bit prefix (fewer planes: faster)
+    llama_stream_gbps: float | None = None  # GB/s of Q4_1 weights llama.cpp streams decoding a MoE beyond cache
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -327,81 +330,6 @@ def llc_bytes() -> int | None:
     return best[1] if best else None
 
 
-def _probe_weights_s(gemv_q4_gflops: float, dense_bpw: float, expert_bpw: float,
-                     llc: int | None) -> tuple[float, int]:
-    """(seconds the embedded default model's weights take to stream per token at the measured GEMV
-    rate, its layer count): the fixed-cost probes below subtract this, because the planner adds
-    every model's weight-streaming time on its own. When the whole probe model fits in the
-    last-level cache (4.7 MB at Q8_0; 32 MB cache here) its weights never come from DRAM, so
-    there is nothing to subtract: subtracting DRAM time made the fixed cost 17 µs per layer where
-    a 4-layer decode takes 200 µs, and the default model's prediction 50% fast."""
-    import edge
-    from edge.planner import gemv_stream_bps
-
-    spec = edge.inspect()
-    if llc and (spec.dense_params * dense_bpw + spec.expert_params * expert_bpw) / 8 <= llc:
-        return 0.0, spec.n_layers
-    return spec.decode_bytes(dense_bpw, expert_bpw) / gemv_stream_bps(gemv_q4_gflops), spec.n_layers
-
-
-def llama_layer_us(gemv_q4_gflops: float, tokens: int = 128, llc: int | None = None) -> float | None:
-    """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
-    under 1 MB streamed per token: nearly all of its decode time is this fixed cost)."""
-    from edge.formats.gguf_write import write_gguf
-    from edge.formats.hf import load_weights
-    from edge.models import default_model_path
-    from edge.runtime.llamacpp import LlamaCppBackend
-
-    path = cache_dir("gguf") / "profile-default-q8_0.gguf"
-    if not path.is_file():
-        d = default_model_path()
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        write_gguf(load_weights(d), d / "tokenizer.json", tmp, outtype="q8_0", bos_id=0, eos_id=0)
-        os.replace(tmp, path)
-    be = LlamaCppBackend(path, n_ctx=256, n_threads=os.cpu_count() or 1)
-    try:
-        logits = be.eval([1, 2, 3, 4])
-        batches = []
-        for _ in range(8):
-            t0 = time.perf_counter()
-            for _ in range(tokens // 8):
-                logits = be.eval([int(np.argmax(logits))])
-            batches.append((time.perf_counter() - t0) / (tokens // 8))
-        per_token = statistics.median(batches)
-    finally:
-        be.close()
-    weights_s, n_layers = _probe_weights_s(gemv_q4_gflops, 8.5, 8.5, llc)
-    return max(0.0, per_token - weights_s) / n_layers * 1e6
-
-
-def offload_layer_us(gemv_q4_gflops: float, tokens: int = 128, llc: int | None = None) -> float:
-    """The offload engine's fixed cost per layer per decoded token: the embedded default model
-    (4 layers, every expert resident, so no loads) decoding ``tokens`` tokens."""
-    import edge
-
-    bundle = cache_dir() / "profile-default-offload"
-    if not (bundle / "manifest.json").is_file():
-        edge.build(None, bundle, format="offload", force=True)
-    with edge.load(bundle, n_ctx=256) as m:  # prefetch on, as the engine runs by default
-        be = m.backend
-        logits = be.eval([1, 2, 3, 4])
-        for _ in range(4):  # every expert resident before timing
-            logits = be.eval([int(np.argmax(logits))])
-        for layer in range(len(be.caches)):
-            for e in range(be.spec.n_experts):
-                if e not in be.caches[layer].slot_of:
-                    be._load(layer, e, set(), "main")
-        batches = []
-        for _ in range(8):  # median of 8 batches: thread hand-offs make single batches noisy
-            t0 = time.perf_counter()
-            for _ in range(tokens // 8):
-                logits = be.eval([int(np.argmax(logits))])
-            batches.append((time.perf_counter() - t0) / (tokens // 8))
-        per_token = statistics.median(batches)
-    weights_s, n_layers = _probe_weights_s(gemv_q4_gflops, 8.5, 5.0, llc)  # dense Q8_0, experts Q4_1
-    return max(0.0, per_token - weights_s) / n_layers * 1e6
-
-
 def _gpu() -> str | None:
     for dev in ("/dev/nvidia0", "/dev/kfd", "/dev/dri/renderD128"):
         if Path(dev).exists():
@@ -411,6 +339,7 @@ def _gpu() -> str | None:
 
 def measure(storage_dir: Path | None = None) -> HardwareProfile:
     """Measure this device (a few seconds)."""
+    from edge.profile_decode import llama_layer_us, llama_stream_gbps, offload_layer_us
     from edge.runtime import ggml
 
     model, isa = _cpu_info()
@@ -433,6 +362,8 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
     except ImportError:
         rpc = False
     llc = llc_bytes()
+    llama_us = llama_layer_us(q4, llc=llc)
+    llama_stream = llama_stream_gbps(llama_us, llc=llc)
     return HardwareProfile(
         name=platform.node() or "this device", source="measured", measured_unix=int(time.time()),
         cpu_model=model, cores_physical=psutil.cpu_count(logical=False) or 1,
@@ -447,8 +378,9 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
         storage_path=str(storage_dir),
         gemv_q4_gflops=round(q4, 1), gemv_q8_gflops=round(gemv_gflops(ggml.Q8_0), 1),
         ggml_call_us=round(ggml_call_us(), 1), convert_mbps=round(convert), checksum_mbps=round(checksum),
-        llama_layer_us=round(llama_layer_us(q4, llc=llc), 1), offload_layer_us=round(offload_layer_us(q4, llc=llc), 1),
+        llama_layer_us=round(llama_us, 1), offload_layer_us=round(offload_layer_us(q4, llc=llc), 1),
         gpu=_gpu(), ort_providers=providers, llama_rpc=rpc, llc_bytes=llc,
+        llama_stream_gbps=None if llama_stream is None else round(llama_stream, 2),
     )
 
 
