@@ -6,14 +6,15 @@ Pure: numbers in, numbers out, no I/O. Every predicted figure is a sum of terms 
 * bytes a decode step touches: dense weights + K of E experts per layer, at the plan's bits;
 * how fast this device streams weights through a matrix-vector kernel: for llama.cpp its measured
   MoE decode streaming rate, for the offload engine (which runs ggml graphs of its own) the
-  profiler's ggml Q4_1 GEMV throughput, or for a device profile 70% of its published peak DRAM bandwidth
-  (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
+  profiler's ggml Q4_1 GEMV throughput, or for a device profile 70% of its published peak DRAM
+  bandwidth (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
 * a fixed cost per layer per token (kernel launches, Python), measured by the profiler on the
   embedded default model for llama.cpp and for the offload engine;
 * offload only: expert loads per token from the engine's cache policy and prefetcher replayed on
-  the model's calibration trace at the planned cache size (uniform routing when no trace exists),
-  each costing its read at the profiler's scattered-read speed (timed on the bundle's own store
-  when planning for a bundle on this device) plus its checksum and conversion into kernel format.
+  the model's calibration trace at the planned cache size, over short replies each from an empty
+  cache (uniform routing when no trace exists), each costing its read at the profiler's
+  scattered-read speed (timed on the bundle's own store when planning for a bundle on this
+  device) plus its checksum and conversion into kernel format.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
 
     ``locality``: an offload bundle's measured locality (manifest): expert loads per token of the
     engine (cache policy + prefetcher) replayed on the model's calibration trace for C = 1..E slots
-    per layer, or the policy's hit rates from older bundles; without it, uniform routing."""
+    per layer — over 64-token replies from a freshly loaded engine (what edge bench measures) when
+    the bundle has them, else in steady use — or the policy's hit rates from older bundles;
+    without it, uniform routing."""
     if bits not in (2, 3, 4):
         raise EdgeError(f"plans use 2..4-bit experts, not {bits}")
     if backend not in ("auto", "llamacpp", "offload"):
@@ -180,6 +183,15 @@ def slots_text(slots: tuple[int, ...] | None) -> str:
 
 
 def _loads_per_token(locality: dict, slots: tuple[int, ...], L: int, E: int, K: int) -> tuple[float, str]:
+    reply = locality.get("reply")
+    if reply:  # what edge bench measures: a short reply from a freshly loaded engine
+        loads = sum(row[c - 1] for row, c in zip(reply["layer_loads_per_token"], slots))
+        steady = locality.get("layer_loads_per_token")
+        steady_text = (f"; {sum(row[c - 1] for row, c in zip(steady, slots)):.1f} per token in steady use"
+                       if steady else "")
+        return loads, (f"the engine's cache policy and prefetcher replayed on the model's calibration trace, per "
+                       f"layer, over {reply['reply_tokens']}-token replies after {reply['prompt_tokens']}-token "
+                       f"prompts from an empty cache{steady_text}")
     per_layer = locality.get("layer_loads_per_token")
     if per_layer:
         return (sum(row[c - 1] for row, c in zip(per_layer, slots)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.errors import EdgeError
-from edge.moe.cache import allocate_slots, hebf_bits, prefetch_guess, simulate, simulate_engine
+from edge.moe.cache import allocate_slots, hebf_bits, prefetch_guess, simulate, simulate_engine, simulate_replies
 from edge.moe.sizing import offload_plan
 
 
@@ -80,3 +80,22 @@ def test_prefetch_guess_is_the_routers_top_k():
     norm = np.ones(16)
     want = np.argsort(-(h / np.sqrt((h**2).mean() + 1e-6)) @ router.T, axis=1)[0, :2]
     assert prefetch_guess(h, norm, router, 1e-6, 2) == [int(e) for e in want]
+
+
+def test_reply_replay_counts_the_warm_up_after_each_prompt():
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.full(8, 0.4))
+    ids = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(880)])
+    for c in (2, 4, 8):
+        steady = simulate_engine(ids, ids, 8, c, "locality")
+        replies = simulate_replies(ids, ids, 8, c, "locality", prompt=24, reply=64)
+        assert replies > steady  # every episode starts from an empty cache
+    # a cache that holds every expert: steady use loads each expert once in 880 tokens, replies
+    # load what their prompt did not touch, again in each of the 10 episodes
+    assert simulate_engine(ids, ids, 8, 8, "locality") * 880 == 8
+    missing = [len(set(range(8)) - set(ids[s : s + 24].ravel()) & set(ids[s + 24 : s + 88].ravel()))
+               for s in range(0, 880, 88)]
+    assert simulate_replies(ids, ids, 8, 8, "locality", 24, 64) * 640 == sum(missing)
+    # a prompt needing more experts than fit is loaded in groups, as the engine prefills
+    prompt_only = np.array([[0, 1], [2, 3], [4, 5]] + [[4, 5]] * 4)
+    assert simulate_replies(prompt_only, prompt_only, 8, 2, "locality", 3, 4) == 0  # {4, 5} stay

@@ -149,3 +149,34 @@ def test_runs_inside_a_cgroup_cap_equal_to_its_budget(bundle):
         assert cap.peak_bytes <= budget
     assert capped.returncode == 0, capped.stderr
     assert capped.stdout == plain.stdout
+
+
+def test_reply_replay_predicts_the_engines_loads(bundle, default_dir):
+    """The planner's loads per reply token come from replaying the engine's cache on the reference
+    engine's routing of calibration text; the engine itself, fed the same text (a 24-token prompt,
+    then 64 tokens one at a time), loads as many experts within 15%."""
+    from edge.formats.hf import load_weights
+    from edge.moe.build import REPLY, calibration_tokens, routing_and_guesses
+    from edge.moe.cache import simulate_replies
+    from edge.runtime.tokenizer import HFTokenizer
+
+    prompt, reply = REPLY
+    weights = load_weights(default_dir)
+    tokens = calibration_tokens(HFTokenizer(default_dir / "tokenizer.json"))[: prompt + reply]
+    trace, guesses = routing_and_guesses(weights, tokens)
+    s = weights.spec
+    for c in (3, 5):
+        replayed = sum(simulate_replies(trace.layer(i), guesses[i], s.n_experts, c, "locality", prompt, reply)
+                       for i in range(s.n_layers)) * reply
+        with edge.load(bundle, offload=OffloadOptions(pin_bits=True)) as m:
+            be = m.backend
+            be.set_cache([c] * s.n_layers, np.full((s.n_layers, s.n_experts), 4))
+            be.eval(tokens[:prompt])
+            before = m.metrics()
+            for t in tokens[prompt:]:
+                be.eval([t])
+            after = m.metrics()
+        loads = lambda x: x["cache_misses"] + sum(row["prefetched"] for row in x["per_layer"])  # noqa: E731
+        done = loads(after) - loads(before)
+        assert replayed > 20  # enough loads for the comparison to mean something
+        assert done == pytest.approx(replayed, rel=0.15), (c, done, replayed)

@@ -10,7 +10,7 @@ import numpy as np
 from edge.bundle import Progress, TokenizerInfo
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
-from edge.moe.cache import prefetch_guess, simulate, simulate_engine
+from edge.moe.cache import prefetch_guess, simulate, simulate_engine, simulate_replies
 from edge.moe.locality import sch
 from edge.moe.store import write_store
 from edge.moe.trace import record_trace
@@ -21,6 +21,7 @@ from edge.runtime.weights import ModelWeights
 
 CALIBRATION_TOKENS = 2048
 LOCALITY_WINDOW = 16  # SCH window for cache sizing: the horizon a decode-time cache lives in
+REPLY = (24, 64)  # (prompt, reply) tokens of the short replies whose expert loads the planner predicts
 
 
 def calibration_tokens(tokenizer: HFTokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
@@ -30,9 +31,9 @@ def calibration_tokens(tokenizer: HFTokenizer, n: int = CALIBRATION_TOKENS) -> l
     return token_stream(tokenizer.encode, texts, eot[0] if len(eot) == 1 else 0)[:n]
 
 
-def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOCALITY_WINDOW) -> dict:
-    """Route calibration text through the reference engine; keep per-layer SCH curves, hotness, the
-    online policy's hit rates and the offload engine's expert loads per token (prefetch included)."""
+def routing_and_guesses(weights: ModelWeights, tokens: list[int]):
+    """The reference engine's routing of ``tokens`` (a RoutingTrace) and, per layer, the offload
+    prefetcher's guess for every token [T, K] from the residual stream entering that layer."""
     s = weights.spec
     engine = ReferenceEngine(weights, n_ctx=512)
     guesses: list[list[list[int]]] = [[] for _ in range(s.n_layers)]
@@ -45,19 +46,33 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
 
     engine.stream_observers.append(on_stream)
     trace = record_trace(engine, tokens, window=512)
+    return trace, [np.asarray(x) for x in guesses]
+
+
+def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOCALITY_WINDOW) -> dict:
+    """Route calibration text through the reference engine; keep per-layer SCH curves, hotness, the
+    online policy's hit rates and the offload engine's expert loads per token (prefetch included),
+    in steady use and over short replies."""
+    s = weights.spec
+    trace, g = routing_and_guesses(weights, tokens)
     E = s.n_experts
     curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(trace.n_layers)]
     # What the engine's default online policy achieves (first uses count as misses): the planner
     # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
     online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
               for c in range(1, E + 1)]
-    g = [np.asarray(x) for x in guesses]
     # per layer, for every cache size: the engine sizes caches per layer (allocate_slots), so the
     # planner sums the layers' loads at the sizes the engine will pick
     per_layer = [[None] * (s.top_k - 1) + [round(simulate_engine(trace.layer(i), g[i], E, c, "locality"), 4)
                                            for c in range(s.top_k, E + 1)] for i in range(trace.n_layers)]
     loads = [round(sum(row[c - 1] for row in per_layer), 4) for c in range(s.top_k, E + 1)]
-    return {"window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
+    # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
+    prompt, reply = REPLY
+    replies = [[None] * (s.top_k - 1)
+               + [round(simulate_replies(trace.layer(i), g[i], E, c, "locality", prompt, reply), 4)
+                  for c in range(s.top_k, E + 1)] for i in range(trace.n_layers)]
+    return {"reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies},
+            "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
             "loads_per_token": [None] * (s.top_k - 1) + loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}
 
