@@ -199,7 +199,7 @@ def scattered_read_fit(fd: int, offsets: list[int], sizes: tuple[int, int], buf:
     return 1 / slope / 1e6, max(t0 - s0 * slope, 0.0) * 1e3
 
 
-def store_load_costs(bundle: Path, reads: int = 48, records: int = 16) -> dict[str, float] | None:
+def store_load_costs(bundle: Path, reads: int = 64, records: int = 32) -> dict[str, float] | None:
     """What one expert load costs on an offload bundle's own store, step by step as the engine does
     it: scattered O_DIRECT reads at record starts (2- and 4-bit prefixes, fitted to latency +
     bandwidth), the checksum of a 4-bit prefix, and its conversion into a Q4_1 slot. The record
