@@ -140,39 +140,63 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     slots = slots_for(int(room // slot), L, E, K, locality.get("sch"))  # as the engine will size them
     loads, loads_why = _loads_per_token(locality, slots, L, E, K)
     cache_why = f"{slots_text(slots)} of {E}"
-    layout_share = bits / 8.5  # a b-bit prefix of an 8.5-bit-per-weight record
-    read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * layout_share
-    # a 2-bit prefix has half the bit planes to unpack: 3.1 vs 3.8-4.0 ms per synthetic expert here
-    convert_mbps = device.convert_2bit_mbps if bits == 2 and device.convert_2bit_mbps else device.convert_mbps
-    convert_s = slot / (convert_mbps * 1e6) if convert_mbps else 0.0
-    latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
-    crc_s = read_bytes / (device.checksum_mbps * 1e6 if device.checksum_mbps else CRC_BYTES_PER_S)
-    load_s = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
-    active = spec.decode_bytes(BPW["q8_0"], BPW["q4_1"])
-    fixed_s, fixed_why = _fixed(device.offload_layer_us, L, "the offload engine")
+    load_s, load_why = expert_load_s(spec, device, bits, read_mbps)
     peak = fixed_bytes + sum(slots) * slot + (48 << 20)
     if stream is None:
         reasons.append(f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts; "
                        f"cache {cache_why} experts per layer, {loads:.1f} loads per token")
         return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                     slots, 1, int(peak), None, None, None, tuple(reasons), loads, load_s)
-    weights_s, weights_why = _weights_s(active, spec.dense_params * q8 + sum(slots) * slot, stream, device,
-                                        device.offload_layer_us is not None)
+    weights_s, weights_why, fixed_s, fixed_why = offload_compute_s(spec, device, slots, stream)
     step = weights_s + fixed_s + loads * load_s
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
                 f"cache: {cache_why} experts per layer ({sum(slots)} slots, {format_bytes(sum(slots) * slot)}) after "
                 f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
                 f"{loads:.1f} expert loads per token ({loads_why})",
-                f"each load: {format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
-                + (f" + checksum at {device.checksum_mbps:.0f} MB/s" if device.checksum_mbps else " + checksum")
-                + (f" + conversion at {convert_mbps:.0f} MB/s" if convert_mbps else "")
-                + f" = {load_s * 1e3:.1f} ms",
+                f"each load: {load_why}",
                 f"decode: {weights_why} + {fixed_why} + {loads * load_s * 1e3:.0f} ms "
                 f"loading -> {1 / step:.2f} tokens/s"]
     prefill = 1 / (weights_s / PREFILL_REUSE + fixed_s)
     ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                 slots, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons), loads, load_s)
+
+
+def expert_load_s(spec: ModelSpec, device: HardwareProfile, bits: int, read_mbps: float) -> tuple[float, str]:
+    """Seconds one expert load costs the offload engine: its b-bit prefix read at ``read_mbps`` plus
+    latency, checksummed, converted into a Q4_1 slot, all as measured on this device (on the
+    bundle's own store when planned for one), times the engine's measured contention factor: its
+    two loading threads share the disk and the cores with the compute."""
+    L, E = spec.n_layers, spec.n_experts
+    slot = spec.expert_params / (L * E) * BPW["q4_1"] / 8
+    read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * (bits / 8.5)  # a b-bit prefix of an 8.5-bit record
+    # a 2-bit prefix has half the bit planes to unpack: 3.1 vs 3.8-4.0 ms per synthetic expert here
+    convert_mbps = device.convert_2bit_mbps if bits == 2 and device.convert_2bit_mbps else device.convert_mbps
+    convert_s = slot / (convert_mbps * 1e6) if convert_mbps else 0.0
+    latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
+    crc_s = read_bytes / (device.checksum_mbps * 1e6 if device.checksum_mbps else CRC_BYTES_PER_S)
+    parts = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
+    factor = device.load_contention or 1.0
+    why = (f"{format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
+           + (f" + checksum at {device.checksum_mbps:.0f} MB/s" if device.checksum_mbps else " + checksum")
+           + (f" + conversion at {convert_mbps:.0f} MB/s" if convert_mbps else "") + f" = {parts * 1e3:.1f} ms"
+           + (f", x {factor:.2f} measured in the engine on this bundle (loads share disk and cores)"
+              if device.load_contention else "")
+           + (f" = {parts * factor * 1e3:.1f} ms" if device.load_contention else ""))
+    return parts * factor, why
+
+
+def offload_compute_s(spec: ModelSpec, device: HardwareProfile, slots: tuple[int, ...],
+                      stream: float) -> tuple[float, str, float, str]:
+    """(weights seconds, why, fixed seconds, why) of one offload decode step, loads aside: dense
+    weights at Q8_0 and K experts at Q4_1 streamed, plus the engine's fixed cost per layer."""
+    q4, q8 = BPW["q4_1"] / 8, BPW["q8_0"] / 8
+    slot = spec.expert_params / (spec.n_layers * spec.n_experts) * q4
+    active = spec.decode_bytes(BPW["q8_0"], BPW["q4_1"])
+    weights_s, weights_why = _weights_s(active, spec.dense_params * q8 + sum(slots) * slot, stream, device,
+                                        device.offload_layer_us is not None)
+    fixed_s, fixed_why = _fixed(device.offload_layer_us, spec.n_layers, "the offload engine")
+    return weights_s, weights_why, fixed_s, fixed_why
 
 
 def slots_text(slots: tuple[int, ...] | None) -> str:

@@ -167,3 +167,47 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
         be.close()
     weights_s = per_token - spec.n_layers * (layer_us or 0.0) * 1e-6
     return active / weights_s / 1e9 if weights_s > 0 else None
+
+
+def engine_load_contention(bundle: Path, device, seconds: float = 2.0) -> float | None:
+    """How much dearer an expert load is inside the offload engine than the sum of its probed steps
+    (read, checksum, conversion, each timed alone on the bundle's store): the engine decodes with
+    the smallest cache (top-k slots per layer, so loads dominate) for ~``seconds``, and the time
+    its loads took — the step time less the planner's compute terms — is divided by what the
+    steps predict. On this VM ~1.2-1.35: the prefetch thread and the main thread load at once,
+    sharing the disk and both cores with the compute (docs/planner.md). None when loads are too
+    small a share of the step to tell, or the device has no GEMV rate to take the compute out."""
+    import edge
+    from edge.bundle import read_manifest
+    from edge.planner import expert_load_s, gemv_stream_bps, offload_compute_s
+    from edge.sdk import OffloadOptions
+
+    spec = read_manifest(bundle).spec
+    read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
+    if not device.gemv_q4_gflops or not read_mbps:
+        return None
+    L, E, K = spec.n_layers, spec.n_experts, spec.top_k
+    slots = (K,) * L
+    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, bits=4, min_bits=4)) as m:
+        be = m.backend
+        be.set_cache(slots, np.full((L, E), 4))
+        logits = be.eval(m.tokenize("import os\nimport sys\n"))
+        for _ in range(2):  # past the prompt's group-wise loads
+            logits = be.eval([int(np.argmax(logits))])
+
+        def loads() -> int:
+            x = m.metrics()
+            return x["cache_misses"] + sum(row["prefetched"] for row in x["per_layer"])
+
+        before, n, t0 = loads(), 0, time.perf_counter()
+        while n < 3 or (n < 16 and time.perf_counter() - t0 < seconds):
+            logits = be.eval([int(np.argmax(logits))])
+            n += 1
+        per_token = (time.perf_counter() - t0) / n
+        per_token_loads = (loads() - before) / n
+    weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
+    steps = expert_load_s(spec, dataclasses.replace(device, load_contention=None), 4, read_mbps)[0]
+    loading = per_token - weights_s - fixed_s
+    if per_token_loads <= 0 or loading < 0.3 * per_token:
+        return None
+    return loading / per_token_loads / steps

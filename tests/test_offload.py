@@ -180,3 +180,22 @@ def test_reply_replay_predicts_the_engines_loads(bundle, default_dir):
         done = loads(after) - loads(before)
         assert replayed > 20  # enough loads for the comparison to mean something
         assert done == pytest.approx(replayed, rel=0.15), (c, done, replayed)
+
+
+def test_bundle_probe_measures_the_engines_load_costs(bundle):
+    """at_bundle times read, checksum and conversion on the bundle's own store and then the engine
+    decoding it with the smallest cache: a real factor, used by the plan's load cost."""
+    from edge.bundle import read_manifest
+    from edge.planner import plan
+    from edge.profile import at_bundle, cached_profile
+
+    base = cached_profile()
+    dev = at_bundle(base, bundle)
+    if dev.storage_path == base.storage_path:
+        pytest.skip("O_DIRECT refused on this filesystem: no bundle store probe")
+    assert dev.convert_mbps > 0 and dev.checksum_mbps > 0
+    # at top-k slots per layer the default model spends about half of each step loading experts
+    assert dev.load_contention is not None and 0.3 < dev.load_contention < 10
+    m = read_manifest(bundle)
+    p = plan(m.spec, dev, budget_bytes=300 << 20, context=512, backend="offload", locality=m.locality)
+    assert any("measured in the engine on this bundle" in r for r in p.reasons)

@@ -57,6 +57,23 @@ def test_a_2_bit_plan_uses_the_2_bit_conversion_rate(big):
     assert any(f"conversion at {THIS.convert_mbps:.0f} MB/s" in r for r in four.reasons)
 
 
+def test_llama_cpp_plans_use_llama_cpps_measured_streaming_rate():
+    spec = edge.inspect()
+    big_dense = replace(spec, dense_params=400_000_000)  # far beyond any cache: the streaming term counts
+    gemv = plan(big_dense, THIS, context=512)
+    measured = plan(big_dense, replace(THIS, llama_stream_gbps=3 * THIS.gemv_q4_gflops / 2 * 5 / 8), context=512)
+    assert measured.predicted_decode_tok_s > gemv.predicted_decode_tok_s
+    assert any("measured llama.cpp MoE decode" in r for r in measured.reasons)
+
+
+def test_expert_loads_carry_the_engines_measured_contention(big):
+    alone = plan(big, THIS, budget_bytes=600 << 20, context=512)
+    shared = plan(big, replace(THIS, load_contention=1.5), budget_bytes=600 << 20, context=512)
+    assert shared.predicted_load_s == pytest.approx(1.5 * alone.predicted_load_s)
+    assert shared.predicted_decode_tok_s < alone.predicted_decode_tok_s
+    assert any("x 1.50 measured in the engine" in r for r in shared.reasons)
+
+
 def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
     p = plan(big, THIS, budget_bytes=600 << 20, context=512)
     assert p.backend == "offload"
