@@ -121,6 +121,8 @@ def main() -> None:
                 dev = device
             p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
                      locality=m.locality, model_name=bundle.name, backend=backend)
+            if backend == "offload":  # run as planned
+                opts = dict(opts, prefetch=p.prefetch_layers > 0)
             got = measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
             preds[label].append(p)
             results[label].append(got)

@@ -106,7 +106,8 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         return
     out.print(f"[bold]{p.model}[/] on [bold]{p.device}[/], budget {format_bytes(p.budget_bytes)}, context {p.context}")
     out.print(f"  backend {p.backend}, {p.weight_type}, {p.threads} threads"
-              + (f", cache {slots_text(p.cache_slots_per_layer)} experts/layer, prefetch 1 layer" if p.cache_slots_per_layer else ""))
+              + (f", cache {slots_text(p.cache_slots_per_layer)} experts/layer, prefetch "
+                 f"{'1 layer' if p.prefetch_layers else 'off'}" if p.cache_slots_per_layer else ""))
     if p.predicted_decode_tok_s is None:
         out.print(f"  predicted: peak memory {format_bytes(p.predicted_peak_bytes)}; speed unknown (see why)")
     else:

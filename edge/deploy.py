@@ -77,7 +77,11 @@ def measure(bundle: Path, p: Plan, *, tokens: int = 64) -> dict:
 
     t0 = time.perf_counter()
     budget = p.budget_bytes if p.backend == "offload" else None
-    with edge.load(bundle, n_ctx=min(p.context, 2048), n_threads=p.threads, memory_budget=budget) as m:
+    from edge.sdk import OffloadOptions
+
+    offload = OffloadOptions(prefetch=p.prefetch_layers > 0) if p.backend == "offload" else None
+    with edge.load(bundle, n_ctx=min(p.context, 2048), n_threads=p.threads, memory_budget=budget,
+                   offload=offload) as m:
         ids = m.tokenize(PROMPT)
         t1 = time.perf_counter()
         logits = m.backend.eval(ids)

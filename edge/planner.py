@@ -139,6 +139,16 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     locality = locality or {}
     slots = slots_for(int(room // slot), L, E, K, locality.get("sch"))  # as the engine will size them
     loads, loads_why = _loads_per_token(locality, slots, L, E, K)
+    prefetch, prefetch_why = 1, "prefetch: the next layer's guessed experts load while this layer computes"
+    demand = (locality.get("reply") or {}).get("layer_demand_loads_per_token")
+    if demand:
+        without = sum(row[c - 1] for row, c in zip(demand, slots))
+        if without <= loads:  # the model credits no overlap: the loads cost the same on either thread
+            prefetch, prefetch_why = 0, (
+                f"prefetch off: {without:.1f} loads per token without it vs {loads:.1f} with it (its wrong guesses "
+                f"load too), and every core computes, so its loads do not hide behind the compute (measured on a "
+                f"2-core VM: prefetching cost 16-25%, docs/planner.md)")
+            loads, loads_why = without, loads_why.replace("cache policy and prefetcher", "cache policy")
     cache_why = f"{slots_text(slots)} of {E}"
     load_s, load_why = expert_load_s(spec, device, bits, read_mbps)
     peak = fixed_bytes + sum(slots) * slot + (48 << 20)
@@ -146,27 +156,27 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
         reasons.append(f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts; "
                        f"cache {cache_why} experts per layer, {loads:.1f} loads per token")
         return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                    slots, 1, int(peak), None, None, None, tuple(reasons), loads, load_s)
+                    slots, prefetch, int(peak), None, None, None, tuple(reasons), loads, load_s)
     weights_s, weights_why, fixed_s, fixed_why = offload_compute_s(spec, device, slots, stream)
     step = weights_s + fixed_s + loads * load_s
     reasons += [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts",
                 f"cache: {cache_why} experts per layer ({sum(slots)} slots, {format_bytes(sum(slots) * slot)}) after "
                 f"{format_bytes(fixed_bytes)} dense + runtime + KV and the engine's headroom",
-                f"{loads:.1f} expert loads per token ({loads_why})",
+                f"{loads:.1f} expert loads per token ({loads_why})", prefetch_why,
                 f"each load: {load_why}",
                 f"decode: {weights_why} + {fixed_why} + {loads * load_s * 1e3:.0f} ms "
                 f"loading -> {1 / step:.2f} tokens/s"]
     prefill = 1 / (weights_s / PREFILL_REUSE + fixed_s)
     ttft = prompt / prefill + L * min(E, prompt * K) * load_s  # a prompt touches nearly every expert
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
-                slots, 1, int(peak), 1 / step, prefill, ttft, tuple(reasons), loads, load_s)
+                slots, prefetch, int(peak), 1 / step, prefill, ttft, tuple(reasons), loads, load_s)
 
 
 def expert_load_s(spec: ModelSpec, device: HardwareProfile, bits: int, read_mbps: float) -> tuple[float, str]:
     """Seconds one expert load costs the offload engine: its b-bit prefix read at ``read_mbps`` plus
     latency, checksummed, converted into a Q4_1 slot, all as measured on this device (on the
-    bundle's own store when planned for one), times the engine's measured contention factor: its
-    two loading threads share the disk and the cores with the compute."""
+    bundle's own store when planned for one), times how much dearer the engine's loads measured on
+    that bundle than those steps timed alone (profile_decode.measure_engine_load_factor)."""
     L, E = spec.n_layers, spec.n_experts
     slot = spec.expert_params / (L * E) * BPW["q4_1"] / 8
     read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * (bits / 8.5)  # a b-bit prefix of an 8.5-bit record
@@ -176,13 +186,13 @@ def expert_load_s(spec: ModelSpec, device: HardwareProfile, bits: int, read_mbps
     latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
     crc_s = read_bytes / (device.checksum_mbps * 1e6 if device.checksum_mbps else CRC_BYTES_PER_S)
     parts = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
-    factor = device.load_contention or 1.0
+    factor = device.engine_load_factor or 1.0
     why = (f"{format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
            + (f" + checksum at {device.checksum_mbps:.0f} MB/s" if device.checksum_mbps else " + checksum")
            + (f" + conversion at {convert_mbps:.0f} MB/s" if convert_mbps else "") + f" = {parts * 1e3:.1f} ms"
-           + (f", x {factor:.2f} measured in the engine on this bundle (loads share disk and cores)"
-              if device.load_contention else "")
-           + (f" = {parts * factor * 1e3:.1f} ms" if device.load_contention else ""))
+           + (f", x {factor:.2f} measured in the engine on this bundle (its loads vs the steps timed alone)"
+              if device.engine_load_factor else "")
+           + (f" = {parts * factor * 1e3:.1f} ms" if device.engine_load_factor else ""))
     return parts * factor, why
 
 

@@ -64,7 +64,7 @@ class HardwareProfile:
     llc_bytes: int | None = None  # the largest CPU cache (sysfs); weights that fit stay cache-resident
     convert_2bit_mbps: float | None = None  # as convert_mbps from a 2-bit prefix (fewer planes: faster)
     llama_stream_gbps: float | None = None  # GB/s of Q4_1 weights llama.cpp streams decoding a MoE beyond cache
-    load_contention: float | None = None  # a bundle's expert loads in the engine / the sum of their probed steps
+    engine_load_factor: float | None = None  # a bundle's loads in the engine / their steps timed alone
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -251,7 +251,7 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     ``bundle``'s own expert store, and how much dearer loads are inside the engine decoding it."""
     if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
         return profile
-    from edge.profile_decode import engine_load_contention
+    from edge.profile_decode import measure_engine_load_factor
 
     costs = store_load_costs(bundle)
     if costs is None:
@@ -261,8 +261,8 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
         "checksum_mbps": round(costs["checksum_mbps"]), "convert_mbps": round(costs["convert_mbps"]),
         "convert_2bit_mbps": round(costs["convert_2bit_mbps"]),
         "storage_path": str(Path(bundle) / "experts.bin")})
-    factor = engine_load_contention(Path(bundle), probed)
-    return probed if factor is None else dataclasses.replace(probed, load_contention=round(factor, 3))
+    factor = measure_engine_load_factor(Path(bundle), probed)
+    return probed if factor is None else dataclasses.replace(probed, engine_load_factor=round(factor, 3))
 
 
 def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:

@@ -169,13 +169,13 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
     return active / weights_s / 1e9 if weights_s > 0 else None
 
 
-def engine_load_contention(bundle: Path, device, seconds: float = 2.0) -> float | None:
+def measure_engine_load_factor(bundle: Path, device, seconds: float = 2.0) -> float | None:
     """How much dearer an expert load is inside the offload engine than the sum of its probed steps
     (read, checksum, conversion, each timed alone on the bundle's store): the engine decodes with
     the smallest cache (top-k slots per layer, so loads dominate) for ~``seconds``, and the time
     its loads took — the step time less the planner's compute terms — is divided by what the
-    steps predict. On this VM ~1.2-1.35: the prefetch thread and the main thread load at once,
-    sharing the disk and both cores with the compute (docs/planner.md). None when loads are too
+    steps predict. On this VM ~1.0-1.5 (docs/planner.md): the steps timed alone run on warm
+    buffers and caches that the engine's loads, between layers of compute, do not find. None when loads are too
     small a share of the step to tell, or the device has no GEMV rate to take the compute out."""
     import edge
     from edge.bundle import read_manifest
@@ -188,7 +188,8 @@ def engine_load_contention(bundle: Path, device, seconds: float = 2.0) -> float 
         return None
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     slots = (K,) * L
-    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, bits=4, min_bits=4)) as m:
+    # prefetch off: every load is a demand load on the main thread, as plans run (edge/planner.py)
+    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, bits=4, min_bits=4, prefetch=False)) as m:
         be = m.backend
         be.set_cache(slots, np.full((L, E), 4))
         logits = be.eval(m.tokenize("import os\nimport sys\n"))
@@ -206,7 +207,7 @@ def engine_load_contention(bundle: Path, device, seconds: float = 2.0) -> float 
         per_token = (time.perf_counter() - t0) / n
         per_token_loads = (loads() - before) / n
     weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
-    steps = expert_load_s(spec, dataclasses.replace(device, load_contention=None), 4, read_mbps)[0]
+    steps = expert_load_s(spec, dataclasses.replace(device, engine_load_factor=None), 4, read_mbps)[0]
     loading = per_token - weights_s - fixed_s
     if per_token_loads <= 0 or loading < 0.3 * per_token:
         return None

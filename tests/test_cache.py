@@ -96,6 +96,11 @@ def test_reply_replay_counts_the_warm_up_after_each_prompt():
     missing = [len(set(range(8)) - set(ids[s : s + 24].ravel()) & set(ids[s + 24 : s + 88].ravel()))
                for s in range(0, 880, 88)]
     assert simulate_replies(ids, ids, 8, 8, "locality", 24, 64) * 640 == sum(missing)
+    # prefetching off: demand loads only; a prefetcher that always guesses right moves about the same
+    # loads (it evicts before the token's uses are counted, so not exactly the same)
+    assert simulate_replies(ids, None, 8, 4, "locality", 24, 64) == pytest.approx(
+        simulate_replies(ids, ids, 8, 4, "locality", 24, 64), rel=0.05)
+    assert simulate_replies(ids, (ids + 4) % 8, 8, 4, "locality", 24, 64) > simulate_replies(ids, None, 8, 4, "locality", 24, 64)
     # a prompt needing more experts than fit is loaded in groups, as the engine prefills
     prompt_only = np.array([[0, 1], [2, 3], [4, 5]] + [[4, 5]] * 4)
     assert simulate_replies(prompt_only, prompt_only, 8, 2, "locality", 3, 4) == 0  # {4, 5} stay

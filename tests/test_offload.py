@@ -195,7 +195,7 @@ def test_bundle_probe_measures_the_engines_load_costs(bundle):
         pytest.skip("O_DIRECT refused on this filesystem: no bundle store probe")
     assert dev.convert_mbps > 0 and dev.checksum_mbps > 0
     # at top-k slots per layer the default model spends about half of each step loading experts
-    assert dev.load_contention is not None and 0.3 < dev.load_contention < 10
+    assert dev.engine_load_factor is not None and 0.3 < dev.engine_load_factor < 10
     m = read_manifest(bundle)
     p = plan(m.spec, dev, budget_bytes=300 << 20, context=512, backend="offload", locality=m.locality)
     assert any("measured in the engine on this bundle" in r for r in p.reasons)

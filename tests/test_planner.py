@@ -66,9 +66,9 @@ def test_llama_cpp_plans_use_llama_cpps_measured_streaming_rate():
     assert any("measured llama.cpp MoE decode" in r for r in measured.reasons)
 
 
-def test_expert_loads_carry_the_engines_measured_contention(big):
+def test_expert_loads_carry_the_engines_measured_load_factor(big):
     alone = plan(big, THIS, budget_bytes=600 << 20, context=512)
-    shared = plan(big, replace(THIS, load_contention=1.5), budget_bytes=600 << 20, context=512)
+    shared = plan(big, replace(THIS, engine_load_factor=1.5), budget_bytes=600 << 20, context=512)
     assert shared.predicted_load_s == pytest.approx(1.5 * alone.predicted_load_s)
     assert shared.predicted_decode_tok_s < alone.predicted_decode_tok_s
     assert any("x 1.50 measured in the engine" in r for r in shared.reasons)
@@ -82,6 +82,20 @@ def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
     more = plan(big, THIS, budget_bytes=900 << 20, context=512)
     assert sum(more.cache_slots_per_layer) > sum(p.cache_slots_per_layer)
     assert more.predicted_decode_tok_s > p.predicted_decode_tok_s  # a bigger cache loads less
+
+
+def test_prefetching_is_planned_only_where_it_saves_loads(big):
+    def locality(with_prefetch: float, without: float) -> dict:
+        row = lambda v: [None] + [v] * 15  # noqa: E731  (per layer, for 2..16 slots)
+        return {"reply": {"prompt_tokens": 24, "reply_tokens": 64, "layer_loads_per_token": [row(with_prefetch)] * 16,
+                          "layer_demand_loads_per_token": [row(without)] * 16}}
+
+    wrong_guesses = plan(big, THIS, budget_bytes=600 << 20, context=512, locality=locality(1.8, 1.4))
+    assert wrong_guesses.prefetch_layers == 0
+    assert wrong_guesses.predicted_loads_per_token == pytest.approx(16 * 1.4)
+    assert any(r.startswith("prefetch off") for r in wrong_guesses.reasons)
+    saves = plan(big, THIS, budget_bytes=600 << 20, context=512, locality=locality(1.2, 1.4))
+    assert saves.prefetch_layers == 1 and saves.predicted_loads_per_token == pytest.approx(16 * 1.2)
 
 
 def test_locality_raises_the_predicted_speed(big):

@@ -68,10 +68,14 @@ def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOC
     loads = [round(sum(row[c - 1] for row in per_layer), 4) for c in range(s.top_k, E + 1)]
     # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
     prompt, reply = REPLY
-    replies = [[None] * (s.top_k - 1)
-               + [round(simulate_replies(trace.layer(i), g[i], E, c, "locality", prompt, reply), 4)
-                  for c in range(s.top_k, E + 1)] for i in range(trace.n_layers)]
-    return {"reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies},
+    def replies(guesses) -> list[list[float | None]]:  # guesses None: prefetching off
+        return [[None] * (s.top_k - 1)
+                + [round(simulate_replies(trace.layer(i), None if guesses is None else guesses[i], E, c, "locality",
+                                          prompt, reply), 4) for c in range(s.top_k, E + 1)]
+                for i in range(trace.n_layers)]
+
+    return {"reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies(g),
+                      "layer_demand_loads_per_token": replies(None)},
             "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
             "loads_per_token": [None] * (s.top_k - 1) + loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}

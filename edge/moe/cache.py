@@ -114,8 +114,9 @@ class EngineReplay:
                 self._bring(e, set(group))
 
     def decode(self, guess, experts) -> None:
-        """One decoded token: the prefetcher's guess [K], then the routed experts [K]."""
-        want = [int(e) for e in guess[: self.capacity]]
+        """One decoded token: the prefetcher's guess [K] (None: prefetching off), then the routed
+        experts [K]."""
+        want = [] if guess is None else [int(e) for e in guess[: self.capacity]]
         for e in want:
             self._bring(e, set(want))
         routed = tuple(int(e) for e in experts)
@@ -134,12 +135,12 @@ def simulate_engine(ids: np.ndarray, guesses: np.ndarray, n_experts: int, capaci
     return replay.loads / max(1, len(ids))
 
 
-def simulate_replies(ids: np.ndarray, guesses: np.ndarray, n_experts: int, capacity: int, policy: str,
+def simulate_replies(ids: np.ndarray, guesses: np.ndarray | None, n_experts: int, capacity: int, policy: str,
                      prompt: int, reply: int, window: int = 16) -> float:
     """Expert loads per decoded token of one layer over short replies, as a freshly loaded engine
     serves them: the trace cut into consecutive (prompt, reply) episodes, each from an empty cache,
     its prompt prefilled and its reply decoded token by token; loads during the replies only, per
-    reply token. Over a 64-token reply the cache's warm-up after the prompt is a real share of
+    reply token. ``guesses`` None: the engine with prefetching off (demand loads only). Over a 64-token reply the cache's warm-up after the prompt is a real share of
     the loads (the default model at 7 slots: ~0.4 loads per token vs ~0.2 in steady use)."""
     loads = tokens = 0
     for start in range(0, len(ids) - prompt - reply + 1, prompt + reply):
@@ -147,7 +148,7 @@ def simulate_replies(ids: np.ndarray, guesses: np.ndarray, n_experts: int, capac
         replay.prefill(ids[start : start + prompt])
         before = replay.loads
         for t in range(start + prompt, start + prompt + reply):
-            replay.decode(guesses[t], ids[t])
+            replay.decode(None if guesses is None else guesses[t], ids[t])
         loads += replay.loads - before
         tokens += reply
     return loads / tokens if tokens else float("nan")
