@@ -167,6 +167,18 @@ class Model:
         self.close()
 
 
+def _planned_options(bundle: Path) -> OffloadOptions:
+    """The engine options a bundle made by ``edge deploy`` was planned with (its plan.json: the
+    prefetcher on or off), or the defaults."""
+    import json
+
+    try:
+        planned = json.loads((Path(bundle) / "plan.json").read_text())
+        return OffloadOptions(prefetch=int(planned["prefetch_layers"]) > 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return OffloadOptions()
+
+
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int = 2048,
          n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
          offload: OffloadOptions | None = None) -> Model:
@@ -176,7 +188,8 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp, offload
     bundles on the offload engine and everything else on the reference engine; ``verify=True``
     re-hashes every bundle file. ``memory_budget`` (bytes or "300MB") bounds the whole process's
-    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions).
+    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions; by
+    default, as the bundle's plan.json from ``edge deploy`` says, else OffloadOptions()).
 
     >>> import edge
     >>> m = edge.load()
@@ -189,7 +202,7 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     budget = parse_budget(memory_budget)
     src = resolve(model)
     if src.kind == "bundle":
-        return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload or OffloadOptions())
+        return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload or _planned_options(src.path))
     if budget is not None or backend == "offload":
         raise EdgeError("the offload engine (and --memory-budget) runs offload bundles; make one with "
                         "`edge build MODEL --format offload -o DIR`")

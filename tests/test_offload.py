@@ -199,3 +199,26 @@ def test_bundle_probe_measures_the_engines_load_costs(bundle):
     m = read_manifest(bundle)
     p = plan(m.spec, dev, budget_bytes=300 << 20, context=512, backend="offload", locality=m.locality)
     assert any("measured in the engine on this bundle" in r for r in p.reasons)
+
+
+def test_a_deployed_bundle_runs_with_its_planned_prefetch(bundle, tmp_path):
+    """edge deploy writes plan.json; loading the bundle later runs the engine as planned."""
+    import json
+    from dataclasses import asdict
+
+    from edge.bundle import read_manifest
+    from edge.planner import plan
+    from edge.profile import cached_profile
+
+    m = read_manifest(bundle)
+    p = plan(m.spec, cached_profile(), budget_bytes=300 << 20, context=512, backend="offload", locality=m.locality)
+    assert p.prefetch_layers == 0  # the default model's prefetcher loads more than it saves (replayed)
+    copy = tmp_path / "deployed"
+    shutil.copytree(bundle, copy)
+    with edge.load(copy) as model:
+        assert model.backend.config.prefetch  # no plan: the engine's default
+    (copy / "plan.json").write_text(json.dumps(asdict(p)))
+    with edge.load(copy) as model:
+        assert not model.backend.config.prefetch
+    with edge.load(copy, offload=OffloadOptions(prefetch=True)) as model:  # the caller's choice wins
+        assert model.backend.config.prefetch
