@@ -186,13 +186,14 @@ def expert_load_s(spec: ModelSpec, device: HardwareProfile, bits: int, read_mbps
     latency_s = (device.storage_chunk_latency_ms or 0.0) / 1e3
     crc_s = read_bytes / (device.checksum_mbps * 1e6 if device.checksum_mbps else CRC_BYTES_PER_S)
     parts = latency_s + read_bytes / (read_mbps * 1e6) + crc_s + convert_s
-    factor = device.engine_load_factor or 1.0
+    measured = device.engine_load_factor_2bit if bits == 2 and device.engine_load_factor_2bit else \
+        device.engine_load_factor
+    factor = measured or 1.0
     why = (f"{format_bytes(read_bytes)} at {read_mbps:.0f} MB/s + {latency_s * 1e3:.1f} ms latency"
            + (f" + checksum at {device.checksum_mbps:.0f} MB/s" if device.checksum_mbps else " + checksum")
            + (f" + conversion at {convert_mbps:.0f} MB/s" if convert_mbps else "") + f" = {parts * 1e3:.1f} ms"
-           + (f", x {factor:.2f} measured in the engine on this bundle (its loads vs the steps timed alone)"
-              if device.engine_load_factor else "")
-           + (f" = {parts * factor * 1e3:.1f} ms" if device.engine_load_factor else ""))
+           + (f", x {factor:.2f} measured in the engine on this bundle (its loads vs the steps timed alone) "
+              f"= {parts * factor * 1e3:.1f} ms" if measured else ""))
     return parts * factor, why
 
 

@@ -65,6 +65,7 @@ class HardwareProfile:
     convert_2bit_mbps: float | None = None  # as convert_mbps from a 2-bit prefix (fewer planes: faster)
     llama_stream_gbps: float | None = None  # GB/s of Q4_1 weights llama.cpp streams decoding a MoE beyond cache
     engine_load_factor: float | None = None  # a bundle's loads in the engine / their steps timed alone
+    engine_load_factor_2bit: float | None = None  # ... for 2-bit loads (their conversion behaves apart)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -261,8 +262,9 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
         "checksum_mbps": round(costs["checksum_mbps"]), "convert_mbps": round(costs["convert_mbps"]),
         "convert_2bit_mbps": round(costs["convert_2bit_mbps"]),
         "storage_path": str(Path(bundle) / "experts.bin")})
-    factor = measure_engine_load_factor(Path(bundle), probed)
-    return probed if factor is None else dataclasses.replace(probed, engine_load_factor=round(factor, 3))
+    four, two = (measure_engine_load_factor(Path(bundle), probed, bits) for bits in (4, 2))
+    return dataclasses.replace(probed, engine_load_factor=None if four is None else round(four, 3),
+                               engine_load_factor_2bit=None if two is None else round(two, 3))
 
 
 def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:

@@ -169,9 +169,10 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
     return active / weights_s / 1e9 if weights_s > 0 else None
 
 
-def measure_engine_load_factor(bundle: Path, device, seconds: float = 2.0) -> float | None:
+def measure_engine_load_factor(bundle: Path, device, bits: int = 4, seconds: float = 2.0) -> float | None:
     """How much dearer an expert load is inside the offload engine than the sum of its probed steps
-    (read, checksum, conversion, each timed alone on the bundle's store): the engine decodes with
+    (read, checksum, conversion, each timed alone on the bundle's store), for ``bits``-bit
+    experts: the engine decodes with
     the smallest cache (top-k slots per layer, so loads dominate) for ~``seconds``, and the time
     its loads took — the step time less the planner's compute terms — is divided by what the
     steps predict. On this VM ~1.0-1.5 (docs/planner.md): the steps timed alone run on warm
@@ -189,9 +190,10 @@ def measure_engine_load_factor(bundle: Path, device, seconds: float = 2.0) -> fl
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     slots = (K,) * L
     # prefetch off: every load is a demand load on the main thread, as plans run (edge/planner.py)
-    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, bits=4, min_bits=4, prefetch=False)) as m:
+    options = OffloadOptions(pin_bits=True, bits=bits, min_bits=bits, prefetch=False)
+    with edge.load(bundle, n_ctx=128, offload=options) as m:
         be = m.backend
-        be.set_cache(slots, np.full((L, E), 4))
+        be.set_cache(slots, np.full((L, E), bits))
         logits = be.eval(m.tokenize("import os\nimport sys\n"))
         for _ in range(2):  # past the prompt's group-wise loads
             logits = be.eval([int(np.argmax(logits))])
@@ -207,7 +209,8 @@ def measure_engine_load_factor(bundle: Path, device, seconds: float = 2.0) -> fl
         per_token = (time.perf_counter() - t0) / n
         per_token_loads = (loads() - before) / n
     weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
-    steps = expert_load_s(spec, dataclasses.replace(device, engine_load_factor=None), 4, read_mbps)[0]
+    steps = expert_load_s(spec, dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None),
+                          bits, read_mbps)[0]
     loading = per_token - weights_s - fixed_s
     if per_token_loads <= 0 or loading < 0.3 * per_token:
         return None

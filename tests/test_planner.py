@@ -72,6 +72,9 @@ def test_expert_loads_carry_the_engines_measured_load_factor(big):
     assert shared.predicted_load_s == pytest.approx(1.5 * alone.predicted_load_s)
     assert shared.predicted_decode_tok_s < alone.predicted_decode_tok_s
     assert any("x 1.50 measured in the engine" in r for r in shared.reasons)
+    both = replace(THIS, engine_load_factor=1.5, engine_load_factor_2bit=1.2)  # 2-bit loads: their own factor
+    two, two_alone = (plan(big, d, budget_bytes=600 << 20, context=512, bits=2) for d in (both, THIS))
+    assert two.predicted_load_s == pytest.approx(1.2 * two_alone.predicted_load_s)
 
 
 def test_a_model_that_does_not_fit_is_offloaded_within_the_budget(big):
