@@ -10,9 +10,10 @@ Pure: numbers in, numbers out, no I/O. Every predicted figure is a sum of terms 
   bandwidth (an assumption, stated as one: on this machine GEMV reached 84% of a *copy* benchmark);
 * a fixed cost per layer per token (kernel launches, Python), measured by the profiler on the
   embedded default model for llama.cpp and for the offload engine;
-* offload only: expert loads per token from the engine's cache policy and prefetcher replayed on
-  the model's calibration trace at the planned cache size, over short replies each from an empty
-  cache (uniform routing when no trace exists), each costing its read at the profiler's
+* offload only: expert loads per token from the engine's cache policy, with and without its
+  prefetcher (off where it does not save loads), replayed on the model's calibration trace at the
+  planned cache size, over short replies each from an empty cache (uniform routing when no trace
+  exists), each costing its read at the profiler's
   scattered-read speed (timed on the bundle's own store when planning for a bundle on this
   device) plus its checksum and conversion into kernel format.
 """
@@ -148,7 +149,10 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                 f"prefetch off: {without:.1f} loads per token without it vs {loads:.1f} with it (its wrong guesses "
                 f"load too), and every core computes, so its loads do not hide behind the compute (measured on a "
                 f"2-core VM: prefetching cost 16-25%, docs/planner.md)")
-            loads, loads_why = without, loads_why.replace("cache policy and prefetcher", "cache policy")
+            reply = locality["reply"]
+            loads, loads_why = without, (f"the engine's cache policy, prefetcher off, replayed on the model's calibration "
+                                         f"trace, per layer, over {reply['reply_tokens']}-token replies after "
+                                         f"{reply['prompt_tokens']}-token prompts from an empty cache")
     cache_why = f"{slots_text(slots)} of {E}"
     load_s, load_why = expert_load_s(spec, device, bits, read_mbps)
     peak = fixed_bytes + sum(slots) * slot + (48 << 20)

@@ -11,13 +11,13 @@ in edge/profile_decode.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
 import zlib
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any

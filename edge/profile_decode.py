@@ -27,7 +27,7 @@ PROBE_SHAPE = dict(n_layers=3, hidden_size=2048, n_heads=16, n_kv_heads=4, head_
                    expert_ffn_size=1408)
 
 
-PROMPT = [1, 2, 3, 4]
+PROBE_PROMPT = [1, 2, 3, 4]
 
 
 def _per_token_s(be, passes: int = 5, tokens: int = 64) -> float:
@@ -38,7 +38,7 @@ def _per_token_s(be, passes: int = 5, tokens: int = 64) -> float:
     means = []
     for _ in range(passes):
         be.truncate(0)
-        logits = be.eval(PROMPT)
+        logits = be.eval(PROBE_PROMPT)
         t0 = time.perf_counter()
         for _ in range(tokens):
             logits = be.eval([int(np.argmax(logits))])
@@ -106,7 +106,7 @@ def offload_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float:
 
 
 def moe_probe_gguf() -> Path:
-    """The streaming probe's Q4_1 MoE GGUF (built once per machine, ~200 MB, a few seconds):
+    """The streaming probe's Q4_1 MoE GGUF (built once per machine: 165 MB, ~5 s here):
     Mixtral architecture, :data:`PROBE_SHAPE`, the default model's tokenizer. Its weights are
     random and every expert of a layer holds the same values (one matrix in memory while writing,
     not 8); in the file each expert has its own bytes, so decoding reads them all from DRAM."""
