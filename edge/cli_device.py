@@ -154,15 +154,18 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
 
 
 def bench(bundle: Path = typer.Argument(..., help="A bundle made by edge deploy."),
-          tokens: int = typer.Option(64, "--tokens", help="Tokens to decode.")) -> None:
+          tokens: int = typer.Option(64, "--tokens", help="Tokens to decode."),
+          runs: int = typer.Option(3, "--runs", min=1, help="Runs, each loading the bundle afresh; medians are shown.")) -> None:
     """Run a deployed bundle as planned; print predicted vs measured speed and memory."""
-    from edge.cli import out
+    from edge.cli import err, out
     from edge.deploy import measure, read_plan
     from edge.units import format_bytes
 
     p = read_plan(bundle)
-    got = measure(bundle, p, tokens=tokens)
-    t = Table(title=f"{bundle}: {p.backend} on {p.device}", title_justify="left")
+    with err.status(f"running {bundle} as planned ({runs} x {tokens} tokens)"):
+        got = measure(bundle, p, tokens=tokens, runs=runs)
+    t = Table(title=f"{bundle}: {p.backend} on {p.device}, median of {runs} runs of {tokens} tokens",
+              title_justify="left")
     for c in ("", "predicted", "measured", "error"):
         t.add_column(c, justify="right" if c else "left")
 

@@ -18,9 +18,10 @@ def test_deploy_default_model_then_bench(tmp_path):
     assert "deployed edge-default-moe" in p.stdout and "smoke run decode" in p.stdout
     plan = json.loads((out / "plan.json").read_text())
     assert plan["backend"] == "llamacpp" and (out / "manifest.json").is_file()
-    b = _cli("bench", str(out), "--tokens", "16")
+    b = _cli("bench", str(out), "--tokens", "16", "--runs", "2")
     assert b.returncode == 0, b.stderr
     assert "decode tokens/s" in b.stdout and "peak memory" in b.stdout and "%" in b.stdout
+    assert "median of 2 runs of 16 tokens" in " ".join(b.stdout.split())  # the title may wrap
 
 
 def test_deploy_under_a_small_budget_offloads(tmp_path):
