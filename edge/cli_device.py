@@ -155,7 +155,7 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
 
 def bench(bundle: Path = typer.Argument(..., help="A bundle made by edge deploy."),
           tokens: int = typer.Option(64, "--tokens", help="Tokens to decode."),
-          runs: int = typer.Option(3, "--runs", min=1, help="Runs, each loading the bundle afresh; medians are shown.")) -> None:
+          runs: int = typer.Option(3, "--runs", min=1, help="Runs, each from an empty context and expert cache; medians are shown.")) -> None:
     """Run a deployed bundle as planned; print predicted vs measured speed and memory."""
     from edge.cli import err, out
     from edge.deploy import measure, read_plan

@@ -167,16 +167,23 @@ class Model:
         self.close()
 
 
+def planned_options(plan) -> OffloadOptions:
+    """The offload engine's options for a Plan (edge/planner.py): every expert at the plan's bits
+    (the plan prices loads at those bits; the engine's default HEBF would serve cold experts at
+    fewer, faster than planned) and the prefetcher on or off as planned."""
+    return OffloadOptions(bits=plan.bits, min_bits=plan.bits, pin_bits=True, prefetch=plan.prefetch_layers > 0)
+
+
 def _planned_options(bundle: Path) -> OffloadOptions:
-    """The engine options a bundle made by ``edge deploy`` was planned with (its plan.json: the
-    prefetcher on or off), or the defaults."""
-    import json
+    """The engine options a bundle made by ``edge deploy`` was planned with (its plan.json), or the
+    defaults."""
+    from edge.deploy import read_plan
 
     try:
-        planned = json.loads((Path(bundle) / "plan.json").read_text())
-        return OffloadOptions(prefetch=int(planned["prefetch_layers"]) > 0)
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = read_plan(bundle)
+    except (EdgeError, OSError, ValueError, TypeError):
         return OffloadOptions()
+    return planned_options(plan)
 
 
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int = 2048,

@@ -220,5 +220,6 @@ def test_a_deployed_bundle_runs_with_its_planned_prefetch(bundle, tmp_path):
     (copy / "plan.json").write_text(json.dumps(asdict(p)))
     with edge.load(copy) as model:
         assert not model.backend.config.prefetch
+        assert (model.backend.config.bits == p.bits).all()  # pinned at the planned bits, no HEBF
     with edge.load(copy, offload=OffloadOptions(prefetch=True)) as model:  # the caller's choice wins
         assert model.backend.config.prefetch
