@@ -70,8 +70,7 @@ def decode_counters(metrics: dict | None) -> dict:
     (file pages read back in), and for edge's engine expert loads, bytes read and stalls."""
     out = {"major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
     if metrics and "cache_misses" in metrics:  # the offload engine (edge on a GGUF runs llama.cpp)
-        loads = metrics["cache_misses"] + sum(x["prefetched"] for x in metrics["per_layer"])
-        out.update(loads=loads, bytes_read=metrics["bytes_read"],
+        out.update(loads=metrics["expert_loads"], bytes_read=metrics["bytes_read"],
                    stall_seconds=metrics["stall_seconds"])
     return out
 

@@ -143,7 +143,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     prefetch, prefetch_why = 1, "prefetch: the next layer's guessed experts load while this layer computes"
     demand = (locality.get("reply") or {}).get("layer_demand_loads_per_token")
     if demand:
-        without = sum(row[c - 1] for row, c in zip(demand, slots))
+        without = _at_slots(demand, slots)
         if without <= loads:  # the model credits no overlap: the loads cost the same on either thread
             prefetch, prefetch_why = 0, (
                 f"prefetch off: {without:.1f} loads per token without it vs {loads:.1f} with it (its wrong guesses "
@@ -180,7 +180,7 @@ def expert_load_s(spec: ModelSpec, device: HardwareProfile, bits: int, read_mbps
     """Seconds one expert load costs the offload engine: its b-bit prefix read at ``read_mbps`` plus
     latency, checksummed, converted into a Q4_1 slot, all as measured on this device (on the
     bundle's own store when planned for one), times how much dearer the engine's loads measured on
-    that bundle than those steps timed alone (profile_decode.measure_engine_load_factor)."""
+    that bundle than those steps timed alone (profile_decode.measure_engine_load_factors)."""
     L, E = spec.n_layers, spec.n_experts
     slot = spec.expert_params / (L * E) * BPW["q4_1"] / 8
     read_bytes = spec.expert_params / (L * E) * 8.5 / 8 * (bits / 8.5)  # a b-bit prefix of an 8.5-bit record
@@ -221,19 +221,25 @@ def slots_text(slots: tuple[int, ...] | None) -> str:
     return str(slots[0]) if min(slots) == max(slots) else f"{min(slots)}-{max(slots)}"
 
 
+def _at_slots(per_layer: list[list[float | None]], slots: tuple[int, ...]) -> float:
+    """Loads per token summed over the layers, each layer's figure read at its own cache size
+    (``per_layer[i][c - 1]``: layer i with c slots)."""
+    return sum(row[c - 1] for row, c in zip(per_layer, slots))
+
+
 def _loads_per_token(locality: dict, slots: tuple[int, ...], L: int, E: int, K: int) -> tuple[float, str]:
     reply = locality.get("reply")
     if reply:  # what edge bench measures: a short reply from a freshly loaded engine
-        loads = sum(row[c - 1] for row, c in zip(reply["layer_loads_per_token"], slots))
+        loads = _at_slots(reply["layer_loads_per_token"], slots)
         steady = locality.get("layer_loads_per_token")
-        steady_text = (f"; {sum(row[c - 1] for row, c in zip(steady, slots)):.1f} per token in steady use"
+        steady_text = (f"; {_at_slots(steady, slots):.1f} per token in steady use"
                        if steady else "")
         return loads, (f"the engine's cache policy and prefetcher replayed on the model's calibration trace, per "
                        f"layer, over {reply['reply_tokens']}-token replies after {reply['prompt_tokens']}-token "
                        f"prompts from an empty cache{steady_text}")
     per_layer = locality.get("layer_loads_per_token")
     if per_layer:
-        return (sum(row[c - 1] for row, c in zip(per_layer, slots)),
+        return (_at_slots(per_layer, slots),
                 "the engine's cache policy and prefetcher replayed on the model's calibration trace, per layer")
     c = sum(slots) // L  # older bundles: one figure per uniform cache size
     replayed = locality.get("loads_per_token")

@@ -252,7 +252,7 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     ``bundle``'s own expert store, and how much dearer loads are inside the engine decoding it."""
     if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
         return profile
-    from edge.profile_decode import measure_engine_load_factor
+    from edge.profile_decode import measure_engine_load_factors
 
     costs = store_load_costs(bundle)
     if costs is None:
@@ -262,9 +262,9 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
         "checksum_mbps": round(costs["checksum_mbps"]), "convert_mbps": round(costs["convert_mbps"]),
         "convert_2bit_mbps": round(costs["convert_2bit_mbps"]),
         "storage_path": str(Path(bundle) / "experts.bin")})
-    four, two = (measure_engine_load_factor(Path(bundle), probed, bits) for bits in (4, 2))
-    return dataclasses.replace(probed, engine_load_factor=None if four is None else round(four, 3),
-                               engine_load_factor_2bit=None if two is None else round(two, 3))
+    factors = measure_engine_load_factors(Path(bundle), probed, (4, 2))
+    rounded = {b: None if f is None else round(f, 3) for b, f in factors.items()}
+    return dataclasses.replace(probed, engine_load_factor=rounded[4], engine_load_factor_2bit=rounded[2])
 
 
 def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:

@@ -110,8 +110,8 @@ def moe_probe_gguf() -> Path:
     Mixtral architecture, :data:`PROBE_SHAPE`, the default model's tokenizer. Its weights are
     random and every expert of a layer holds the same values (one matrix in memory while writing,
     not 8); in the file each expert has its own bytes, so decoding reads them all from DRAM."""
+    import edge
     from edge.formats.gguf_write import write_gguf
-    from edge.formats.hf import load_weights
     from edge.models import default_model_path
     from edge.runtime.weights import LayerWeights, ModelWeights
 
@@ -119,8 +119,7 @@ def moe_probe_gguf() -> Path:
     if path.is_file():
         return path
     d = default_model_path()
-    base = load_weights(d)
-    s = dataclasses.replace(base.spec, **PROBE_SHAPE)
+    s = dataclasses.replace(edge.inspect(), **PROBE_SHAPE)
     rng = np.random.default_rng(0)
     D, F, E, V = s.hidden_size, s.expert_ffn_size, s.n_experts, s.vocab_size
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
@@ -169,15 +168,16 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
     return active / weights_s / 1e9 if weights_s > 0 else None
 
 
-def measure_engine_load_factor(bundle: Path, device, bits: int = 4, seconds: float = 2.0) -> float | None:
+def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4, 2),
+                                seconds: float = 2.0) -> dict[int, float | None]:
     """How much dearer an expert load is inside the offload engine than the sum of its probed steps
-    (read, checksum, conversion, each timed alone on the bundle's store), for ``bits``-bit
-    experts: the engine decodes with
-    the smallest cache (top-k slots per layer, so loads dominate) for ~``seconds``, and the time
-    its loads took — the step time less the planner's compute terms — is divided by what the
-    steps predict. On this VM ~1.0-1.5 (docs/planner.md): the steps timed alone run on warm
-    buffers and caches that the engine's loads, between layers of compute, do not find. None when loads are too
-    small a share of the step to tell, or the device has no GEMV rate to take the compute out."""
+    (read, checksum, conversion, each timed alone on the bundle's store), for each of ``bits``:
+    the engine, loaded once, decodes with the smallest cache (top-k slots per layer, so loads
+    dominate) at each bit width for ~``seconds``, and the time its loads took — the step time less
+    the planner's compute terms — is divided by what the steps predict. On this VM ~1.0-1.5
+    (docs/planner.md): the steps timed alone run on warm buffers and caches that the engine's
+    loads, between layers of compute, do not find. None for a width when loads are too small a
+    share of the step to tell; all None when the device has no GEMV rate to take the compute out."""
     import edge
     from edge.bundle import read_manifest
     from edge.planner import expert_load_s, gemv_stream_bps, offload_compute_s
@@ -186,32 +186,28 @@ def measure_engine_load_factor(bundle: Path, device, bits: int = 4, seconds: flo
     spec = read_manifest(bundle).spec
     read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
     if not device.gemv_q4_gflops or not read_mbps:
-        return None
+        return {b: None for b in bits}
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     slots = (K,) * L
-    # prefetch off: every load is a demand load on the main thread, as plans run (edge/planner.py)
-    options = OffloadOptions(pin_bits=True, bits=bits, min_bits=bits, prefetch=False)
-    with edge.load(bundle, n_ctx=128, offload=options) as m:
-        be = m.backend
-        be.set_cache(slots, np.full((L, E), bits))
-        logits = be.eval(m.tokenize("import os\nimport sys\n"))
-        for _ in range(2):  # past the prompt's group-wise loads
-            logits = be.eval([int(np.argmax(logits))])
-
-        def loads() -> int:
-            x = m.metrics()
-            return x["cache_misses"] + sum(row["prefetched"] for row in x["per_layer"])
-
-        before, n, t0 = loads(), 0, time.perf_counter()
-        while n < 3 or (n < 16 and time.perf_counter() - t0 < seconds):
-            logits = be.eval([int(np.argmax(logits))])
-            n += 1
-        per_token = (time.perf_counter() - t0) / n
-        per_token_loads = (loads() - before) / n
     weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
-    steps = expert_load_s(spec, dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None),
-                          bits, read_mbps)[0]
-    loading = per_token - weights_s - fixed_s
-    if per_token_loads <= 0 or loading < 0.3 * per_token:
-        return None
-    return loading / per_token_loads / steps
+    alone = dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None)
+    factors: dict[int, float | None] = {}
+    # prefetch off: every load is a demand load on the main thread, as plans run (edge/planner.py)
+    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, prefetch=False)) as m:
+        be, prompt = m.backend, m.tokenize("import os\nimport sys\n")
+        for b in bits:
+            be.truncate(0)
+            be.set_cache(slots, np.full((L, E), b))  # empty caches, every expert at b bits
+            logits = be.eval(prompt)
+            for _ in range(2):  # past the prompt's group-wise loads
+                logits = be.eval([int(np.argmax(logits))])
+            before, n, t0 = m.metrics()["expert_loads"], 0, time.perf_counter()
+            while n < 3 or (n < 16 and time.perf_counter() - t0 < seconds):
+                logits = be.eval([int(np.argmax(logits))])
+                n += 1
+            per_token = (time.perf_counter() - t0) / n
+            per_token_loads = (m.metrics()["expert_loads"] - before) / n
+            loading = per_token - weights_s - fixed_s
+            ok = per_token_loads > 0 and loading >= 0.3 * per_token
+            factors[b] = loading / per_token_loads / expert_load_s(spec, alone, b, read_mbps)[0] if ok else None
+    return factors

@@ -347,6 +347,7 @@ class OffloadEngine:
             "resizes": list(t.resizes[-20:]),
             "cache_slots_per_layer": list(self.config.slots),
             "cache_hits": hits, "cache_misses": misses,
+            "expert_loads": misses + sum(x.prefetched for x in t.layers),  # demand loads + prefetches
             "hit_rate": hits / (hits + misses) if hits + misses else None,
             "per_layer": [asdict(x) for x in t.layers],
             "bytes_read": t.bytes_read,
