@@ -40,14 +40,14 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
+from _gguf_rewrite import dequantize_gguf, dequantized, rewrite_gguf  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from _gguf_rewrite import dequantize_gguf, dequantized, rewrite_gguf  # noqa: E402
+from edge.builder.stack import decompose_to_stack  # noqa: E402
+from edge.formats.bundle import sha256_file  # noqa: E402
 from edge.formats.gguf_write import quantize_gguf  # noqa: E402
-from edge.bundle import sha256_file  # noqa: E402
 from edge.quant.bitstack import BLOCKS_DEFAULT, K_DEFAULT, activation_scales  # noqa: E402
 from edge.quant.stack import LoadedStack, StackIndex  # noqa: E402
-from edge.quant.stack_build import decompose_to_stack  # noqa: E402
 from edge.runtime.llamacpp import LlamaCppBackend  # noqa: E402
 from edge.runtime.perplexity import perplexity  # noqa: E402
 
@@ -96,8 +96,9 @@ def linear_bytes(gguf_path: Path) -> tuple[int, int]:
 def tensor_types(gguf_path: Path) -> str:
     """Which GGML types the linear matrices got, by count (K-quants need rows of 256: Gemma's
     640-wide inputs fall back to other types)."""
-    import gguf
     from collections import Counter
+
+    import gguf
 
     r = gguf.GGUFReader(gguf_path)
     c = Counter(t.tensor_type.name for t in r.tensors if LINEAR_RE.match(t.name))

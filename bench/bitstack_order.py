@@ -27,11 +27,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 
+from edge.builder.offload import calibration_tokens  # noqa: E402
+from edge.builder.stack import STACK_FIELDS, input_scales  # noqa: E402
 from edge.formats.hf import load_weights  # noqa: E402
 from edge.models import default_model_path  # noqa: E402
-from edge.moe.build import calibration_tokens  # noqa: E402
 from edge.quant.bitstack import block_bytes, decompose, levels_at, order_by_error, order_by_loss, reconstruct  # noqa: E402
-from edge.quant.stack_build import STACK_FIELDS, input_scales  # noqa: E402
 from edge.runtime.perplexity import perplexity  # noqa: E402
 from edge.runtime.reference import ReferenceEngine  # noqa: E402
 from edge.runtime.tokenizer import HFTokenizer  # noqa: E402

@@ -48,7 +48,7 @@ def main() -> None:
     import psutil
 
     import edge
-    from edge.moe.runtime import budget_for_stack
+    from edge.runtime.offload.budget import budget_for_stack
 
     proc = psutil.Process()
     rows: dict[tuple[str, int], list[tuple[float, int, int]]] = {}

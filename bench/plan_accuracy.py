@@ -29,9 +29,9 @@ from cgroup import drop_caches  # noqa: E402
 from offload import ensure_inputs, run  # noqa: E402
 
 import edge  # noqa: E402
-from edge.bundle import read_manifest  # noqa: E402
-from edge.planner import plan, slots_text  # noqa: E402
-from edge.profile import at_bundle, cached_profile  # noqa: E402
+from edge.device.profile import at_bundle, cached_profile  # noqa: E402
+from edge.formats.bundle import read_manifest  # noqa: E402
+from edge.plan.planner import plan, slots_text  # noqa: E402
 
 MiB = 1 << 20
 

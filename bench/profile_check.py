@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgroup import drop_caches  # noqa: E402
 
-from edge.profile import memory_bandwidth_gbps, read_speeds  # noqa: E402
+from edge.device.profile import memory_bandwidth_gbps  # noqa: E402
+from edge.device.storage import read_speeds
+
 
 def dd_read_mbps(path: Path, direct: bool) -> float:
     """MB/s that dd reports for reading ``path`` in 4 MiB blocks."""

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge.formats.weights import LayerWeights, ModelWeights  # noqa: E402
 from edge.models import default_model_path  # noqa: E402
-from edge.runtime.weights import LayerWeights, ModelWeights  # noqa: E402
 from edge.spec import ModelSpec  # noqa: E402
 
 

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["EdgeError", "Model", "ModelSpec", "build", "inspect", "load", "__version__"]
 
 if TYPE_CHECKING:
-    from edge.builder import build
+    from edge.builder.bundles import build
     from edge.errors import EdgeError
     from edge.sdk import Model, load
     from edge.spec import ModelSpec
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(sdk, name)
     if name == "build":
-        from edge.builder import build
+        from edge.builder.bundles import build
 
         return build
     if name == "EdgeError":

@@ -1,26 +1,31 @@
-"""``edge deploy`` and ``edge bench``: profile -> plan -> bundle -> smoke run, and predicted vs measured."""
+"""``edge deploy`` and ``edge bench``: profile -> plan -> bundle -> smoke run, and predicted vs measured.
+
+A facade over every layer (device, plan, build, the SDK's loading), so it sits beside the SDK:
+the bundle it writes carries its plan (plan.json), and loading that bundle runs the plan.
+"""
 
 from __future__ import annotations
 
-import json
 import resource
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from edge.errors import EdgeError
-from edge.planner import Plan, plan
+from edge.plan.planner import Plan, plan
+from edge.planned import read_plan, write_plan
 
-PLAN_FILE = "plan.json"  # written beside the manifest: what the bundle was built for
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser("
 
 
 def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int | None = None, context: int = 2048,
-           force: bool = False, say=lambda msg: None) -> tuple[Plan, Path, dict]:
-    import edge
-    from edge.bundle import read_manifest
+           backend: str = "auto", force: bool = False, say=lambda msg: None) -> tuple[Plan, Path, dict]:
+    """Plan ``model`` for ``device`` within ``budget_bytes`` (``backend`` "auto" lets the planner
+    choose), build the bundle the plan needs at ``out``, write plan.json into it, smoke-run it.
+    Returns (plan, bundle folder, smoke-run measurements)."""
+    from edge.builder.bundles import build
+    from edge.formats.bundle import read_manifest
     from edge.sources import read_spec, resolve
 
     src = resolve(model)
@@ -29,50 +34,65 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
     spec = read_spec(src)
     say("profiling the device")
     prof = _device(device)
-    first = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name)
+    first = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, backend=backend)
     out = Path(out or f"{src.name}-{first.backend}")
     say(f"building a {first.backend} bundle")
     if first.backend == "llamacpp":
-        edge.build(src.path, out, format="gguf", weight_type="q4_1", force=force, progress=say)
+        build(src.path, out, format="gguf", weight_type="q4_1", force=force, progress=say)
         final = first
     else:
-        edge.build(src.path, out, format="offload", force=force, progress=say)
+        build(src.path, out, format="offload", force=force, progress=say)
         loc = read_manifest(out).locality  # now measured: plan again with it, and the store's read speed
         if device == "auto":
-            from edge.profile import at_bundle
+            from edge.device.profile import at_bundle
 
             prof = at_bundle(prof, out)
-        final = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, locality=loc)
-    (out / PLAN_FILE).write_text(json.dumps(asdict(final), indent=2) + "\n")
+        final = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, locality=loc,
+                     backend="offload")
+    write_plan(out, final)
     say("smoke run")
-    smoke = measure(out, final, tokens=16)
+    smoke = measure_fresh(out, tokens=16)
     return final, out, smoke
 
 
 def _device(device: str):
     if device == "auto":
-        from edge.profile import cached_profile
+        from edge.device.profile import cached_profile
 
         return cached_profile()
-    from edge.devices import device_profile
+    from edge.device.profiles import device_profile
 
     return device_profile(device)
 
 
-def read_plan(bundle: Path) -> Plan:
-    path = Path(bundle) / PLAN_FILE
-    if not path.is_file():
-        raise EdgeError(f"{bundle} has no {PLAN_FILE}: make it with `edge deploy` (edge bench compares a plan's "
+def planned(bundle: Path) -> Plan:
+    """A deployed bundle's plan; a bundle without one is an error (bench compares a plan with
+    measurements)."""
+    p = read_plan(bundle)
+    if p is None:
+        raise EdgeError(f"{bundle} has no plan.json: make it with `edge deploy` (edge bench compares a plan's "
                         f"predictions with measurements)")
-    data = json.loads(path.read_text())
-    data["reasons"] = tuple(data.get("reasons", ()))
-    if data.get("cache_slots_per_layer") is not None:
-        data["cache_slots_per_layer"] = tuple(data["cache_slots_per_layer"])
-    return Plan(**data)
+    return p
 
 
-def measure(bundle: Path, p: Plan, *, tokens: int = 64, runs: int = 1) -> dict:
-    """Run the bundle as planned: time to first token, decode tokens/s (greedy), peak RSS. With
+def measure_fresh(bundle: Path, **kw) -> dict:
+    """:func:`measure` in a fresh process, as a user's ``edge run`` finds the machine: the deploying
+    process still holds what building took (the checkpoint read, the calibration run), which a
+    plan's budget does not include."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_warnings_to_stderr) as pool:
+        return pool.apply(measure, (Path(bundle),), kw)
+
+
+def _warnings_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+
+
+def measure(bundle: Path, *, tokens: int = 64, runs: int = 1) -> dict:
+    """Run the bundle as planned (edge.load follows its plan.json): time to first token, decode tokens/s (greedy), peak RSS. With
     ``runs`` > 1, medians: each run starts from an empty context and, on the offload engine, an
     empty expert cache, as a freshly loaded engine does (what a plan predicts). One load serves
     all runs: the engine sizes its cache from the process's memory, which a second load in the
@@ -80,15 +100,11 @@ def measure(bundle: Path, p: Plan, *, tokens: int = 64, runs: int = 1) -> dict:
     one run to the next (the default model: ~3,100 or ~4,800 tok/s, docs/planner.md)."""
     import statistics
 
-    import edge
-    from edge.sdk import planned_options
+    from edge.sdk import load
 
-    budget = p.budget_bytes if p.backend == "offload" else None
-    offload = planned_options(p) if p.backend == "offload" else None
     ttfts, speeds = [], []
     t0 = time.perf_counter()
-    with edge.load(bundle, n_ctx=min(p.context, 2048), n_threads=p.threads, memory_budget=budget,
-                   offload=offload) as m:
+    with load(bundle) as m:  # the bundle's plan.json: as planned
         ids = m.tokenize(PROMPT)
         t_loaded = time.perf_counter()
         be = m.backend

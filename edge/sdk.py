@@ -7,41 +7,21 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.cache import cache_dir
 from edge.errors import EdgeError
+from edge.paths import cache_dir
+from edge.planned import read_plan, settings
 from edge.runtime.generate import Backend, Generation, SamplingParams, Session
+from edge.runtime.offload.options import OffloadOptions
 from edge.runtime.tokenizer import HFTokenizer, LlamaCppTokenizer, Tokenizer
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, resolve
 from edge.spec import ModelSpec
 from edge.units import parse_bytes
 
+__all__ = ["BACKENDS", "Model", "OffloadOptions", "load"]
 BACKENDS = ("auto", "reference", "llamacpp", "offload")
-
-
-@dataclass(frozen=True)
-class OffloadOptions:
-    """How the offload engine spends its memory budget (see docs/offload.md)."""
-
-    policy: str = "locality"  # expert cache eviction: lru, lfu or locality
-    bits: int = 4  # bits of the hottest experts (2..4)
-    min_bits: int = 2  # bits of the coldest experts under HEBF
-    pin_bits: bool = False  # every expert at `bits`: no downgrading of cold experts
-    prefetch: bool = True  # load the next layer's predicted experts while this layer computes
-    io_mode: str = "auto"  # direct (O_DIRECT), buffered (+ FADV_DONTNEED) or auto
-
-    def __post_init__(self) -> None:
-        from edge.moe.cache import POLICIES
-
-        if self.policy not in POLICIES:
-            raise EdgeError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if not 2 <= self.min_bits <= self.bits <= 4:
-            raise EdgeError(f"offload bits must satisfy 2 <= --min-bits <= --bits <= 4, got {self.min_bits} and {self.bits}")
-        if self.io_mode not in ("auto", "direct", "buffered"):
-            raise EdgeError(f"unknown I/O mode {self.io_mode!r}; choose auto, direct or buffered")
 
 
 def parse_budget(budget: int | str | None) -> int | None:
@@ -63,9 +43,11 @@ class Model:
     ('text_completion', 'length')
     """
 
-    def __init__(self, *, name: str, spec: ModelSpec, backend: Backend, tokenizer: Tokenizer, source: Path):
+    def __init__(self, *, name: str, spec: ModelSpec, backend: Backend, tokenizer: Tokenizer, source: Path,
+                 notes: tuple[str, ...] = ()):
         self.name, self.spec, self.source = name, spec, source
         self.backend, self.tokenizer = backend, tokenizer
+        self.notes = notes  # what a deployed bundle's plan set and what the caller overrode, one line each
         self._session = Session(backend, tokenizer)
         self._elastic = None
 
@@ -134,7 +116,7 @@ class Model:
         """Fit the running model into ``budget`` (bytes or "300MB") without reloading it or losing
         the conversation: a BitStack stack grows or shrinks block by block, then the expert cache.
         The next token uses the new weights. Offload bundles only."""
-        from edge.moe.runtime import set_memory_budget
+        from edge.runtime.offload.budget import set_memory_budget
 
         nbytes = parse_budget(budget)
         if self.backend.name != "offload":
@@ -146,7 +128,7 @@ class Model:
         """Start the elastic memory manager (edge/moe/elastic.py): the budget follows the memory the
         device has free, between ``floor`` and ``ceiling`` (default: the budget now). Stopped by
         ``close()``; returns the manager."""
-        from edge.moe.elastic import ElasticManager
+        from edge.runtime.offload.elastic import ElasticManager
 
         if self.backend.name != "offload":
             raise EdgeError(f"the elastic memory manager resizes offload bundles; {self.source} runs on {self.backend.name}")
@@ -167,26 +149,7 @@ class Model:
         self.close()
 
 
-def planned_options(plan) -> OffloadOptions:
-    """The offload engine's options for a Plan (edge/planner.py): every expert at the plan's bits
-    (the plan prices loads at those bits; the engine's default HEBF would serve cold experts at
-    fewer, faster than planned) and the prefetcher on or off as planned."""
-    return OffloadOptions(bits=plan.bits, min_bits=plan.bits, pin_bits=True, prefetch=plan.prefetch_layers > 0)
-
-
-def _planned_options(bundle: Path) -> OffloadOptions:
-    """The engine options a bundle made by ``edge deploy`` was planned with (its plan.json), or the
-    defaults."""
-    from edge.deploy import read_plan
-
-    try:
-        plan = read_plan(bundle)
-    except (EdgeError, OSError, ValueError, TypeError):
-        return OffloadOptions()
-    return planned_options(plan)
-
-
-def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int = 2048,
+def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int | None = None,
          n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
          offload: OffloadOptions | None = None) -> Model:
     """Load a model for generation.
@@ -195,8 +158,12 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp, offload
     bundles on the offload engine and everything else on the reference engine; ``verify=True``
     re-hashes every bundle file. ``memory_budget`` (bytes or "300MB") bounds the whole process's
-    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions; by
-    default, as the bundle's plan.json from ``edge deploy`` says, else OffloadOptions()).
+    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions).
+
+    A bundle made by ``edge deploy`` runs as its plan.json says (backend settings, cache slots,
+    bits, prefetch, threads, budget, context); each argument given here overrides that one setting,
+    and ``Model.notes`` says what was followed and what was overridden. ``n_ctx`` defaults to the
+    plan's context, else 2048; ``n_threads`` to the plan's, else the physical cores.
 
     >>> import edge
     >>> m = edge.load()
@@ -209,7 +176,8 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     budget = parse_budget(memory_budget)
     src = resolve(model)
     if src.kind == "bundle":
-        return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload or _planned_options(src.path))
+        return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload)
+    n_ctx = n_ctx or 2048
     if budget is not None or backend == "offload":
         raise EdgeError("the offload engine (and --memory-budget) runs offload bundles; make one with "
                         "`edge build MODEL --format offload -o DIR`")
@@ -233,59 +201,54 @@ def _reference(weights, src: Source, tokenizer_json: Path, eos: tuple[int, ...],
 
 
 def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int | None, *,
-               eos: tuple[int, ...], hf_dir: Path | None = None) -> Model:
+               eos: tuple[int, ...], hf_dir: Path | None = None, notes: tuple[str, ...] = ()) -> Model:
     from edge.formats.gguf_read import read_spec
+    from edge.runtime.llamacpp import LlamaCppBackend, load_model
 
     spec = read_spec(path)
     if backend == "reference":
-        import llama_cpp
-
         from edge.formats.gguf_read import load_weights
-        from edge.runtime.llamacpp import route_llama_logs
         from edge.runtime.reference import ReferenceEngine
 
-        route_llama_logs()
-        vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        vocab = load_model(path, vocab_only=True)
         engine = ReferenceEngine(load_weights(path), n_ctx=n_ctx)
-        return Model(name=name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=path)
-    from edge.runtime.llamacpp import LlamaCppBackend
-
+        return Model(name=name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=path, notes=notes)
     be = LlamaCppBackend(path, n_ctx=min(n_ctx, spec.context_length), n_threads=n_threads)
-    tok: Tokenizer = LlamaCppTokenizer(be.llama)
+    tok: Tokenizer = LlamaCppTokenizer(be.model)
     if hf_dir is not None:
         tok = HFTokenizer(hf_tokenizer_file(hf_dir), eos)
-    return Model(name=name, spec=spec, backend=be, tokenizer=tok, source=path)
+    return Model(name=name, spec=spec, backend=be, tokenizer=tok, source=path, notes=notes)
 
 
-def _load_bundle(src: Source, backend: str, n_ctx: int, n_threads: int | None, verify: bool,
-                 budget: int | None, options: OffloadOptions) -> Model:
-    from edge.bundle import read_manifest, verify_bundle
+def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, verify: bool,
+                 budget: int | None, offload: OffloadOptions | None) -> Model:
+    from edge.formats.bundle import read_manifest, verify_bundle
 
     manifest = read_manifest(src.path)
     verify_bundle(src.path, manifest, full=verify)
+    run = settings(read_plan(src.path), n_ctx=n_ctx, threads=n_threads, budget=budget, offload=offload)
     weights_path = src.path / manifest.weights_file().path
     if manifest.format == "offload":
         if backend not in ("auto", "offload"):
             raise EdgeError(f"{src.path} is an offload bundle; it runs on the offload engine only")
-        from edge.moe.runtime import open_offload
+        from edge.runtime.offload.open import open_offload
 
-        engine = open_offload(src.path, manifest, budget=budget, options=options, n_ctx=n_ctx,
-                              threads=n_threads or 0)
+        engine = open_offload(src.path, manifest, budget=run.budget, options=run.offload, n_ctx=run.n_ctx,
+                              threads=run.threads)
         tok = HFTokenizer(src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
-        return Model(name=manifest.name, spec=manifest.spec, backend=engine, tokenizer=tok, source=src.path)
-    if budget is not None:
+        return Model(name=manifest.name, spec=manifest.spec, backend=engine, tokenizer=tok, source=src.path,
+                     notes=run.notes)
+    if run.budget is not None:
         raise EdgeError(f"{src.path} is a {manifest.format} bundle; --memory-budget runs offload bundles")
     if manifest.format == "gguf":
-        if backend == "auto":
-            backend = "llamacpp"
-        model = _load_gguf(weights_path, manifest.name, backend, n_ctx, n_threads, eos=manifest.tokenizer.eos_ids)
-        return model
+        return _load_gguf(weights_path, manifest.name, "llamacpp" if backend == "auto" else backend, run.n_ctx,
+                          run.threads, eos=manifest.tokenizer.eos_ids, notes=run.notes)
     if backend == "llamacpp":
         raise EdgeError(f"{src.path} is an edge-format bundle; build a gguf bundle to run it with llama.cpp")
     from edge.formats import edge_weights
 
     weights = edge_weights.load(weights_path, manifest.spec)
-    return _reference(weights, src, src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids, n_ctx)
+    return _reference(weights, src, src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids, run.n_ctx)
 
 
 def _cached_gguf(src: Source) -> Path:

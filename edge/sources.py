@@ -57,7 +57,7 @@ def read_spec(source: Source) -> ModelSpec:
         from edge.formats import gguf_read
 
         return gguf_read.read_spec(source.path)
-    from edge.bundle import read_manifest
+    from edge.formats.bundle import read_manifest
 
     return read_manifest(source.path).spec
 

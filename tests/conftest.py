@@ -70,6 +70,22 @@ def default_gguf_f32(tmp_path_factory, default_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A small Mixtral-architecture checkpoint whose experts dominate (2 layers x 16 experts of
+    3 x 256 x 2048, 31 MiB at Q4_1, 1 MiB per cache slot): at a budget of a few hundred MiB its
+    expert cache holds only some experts, so the offload engine really offloads. Random weights
+    from bench/synthetic.py, the default tokenizer; f16 safetensors as published checkpoints are."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from synthetic import save_hf, synthetic_weights
+
+    out = tmp_path_factory.mktemp("tinysynth") / "tiny-synthetic"
+    save_hf(synthetic_weights(layers=2, hidden=256, heads=4, kv_heads=2, experts=16, top_k=2, ffn=2048), out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own edge cache (verification stamps, converted GGUFs)."""

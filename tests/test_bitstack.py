@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from edge.quant.bitstack import (
-    Block, activation_scales, block_bytes, decompose, levels_at, order_by_error, order_by_loss, reconstruct)
+    Block,
+    activation_scales,
+    block_bytes,
+    decompose,
+    levels_at,
+    order_by_error,
+    order_by_loss,
+    reconstruct,
+)
 
 pytest.importorskip("torch")
 

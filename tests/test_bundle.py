@@ -12,8 +12,8 @@ import time
 import pytest
 
 import edge
-from edge.bundle import read_manifest
 from edge.errors import BundleError
+from edge.formats.bundle import read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.errors import EdgeError
-from edge.moe.cache import allocate_slots, hebf_bits, prefetch_guess, simulate, simulate_engine, simulate_replies
-from edge.moe.sizing import offload_plan
+from edge.moe.simulate import simulate, simulate_engine, simulate_replies
+from edge.moe.sizing import allocate_slots, cache_room, hebf_bits, slots_for
+from edge.runtime.offload.prefetch import prefetch_guess
 
 
 def test_policies_differ_where_they_should():
@@ -48,14 +48,12 @@ def test_hebf_gives_the_hottest_experts_the_most_bits():
     assert hebf_bits(hot, 4, 4).tolist() == [[4] * 8]
 
 
-def test_plan_refuses_impossible_budgets_with_numbers():
-    with pytest.raises(EdgeError, match=r"memory budget 100 MiB is too small: .* take 90 MiB, and 16 layers x 2 experts need 160 MiB more"):
-        offload_plan(n_layers=16, n_experts=16, top_k=2, slot_bytes=5 << 20, budget_bytes=100 << 20,
-                     fixed_bytes=90 << 20, sch_curves=None, hotness=None, bits=4, min_bits=2, pin_bits=True)
-    slots, bits = offload_plan(n_layers=2, n_experts=4, top_k=2, slot_bytes=1 << 20, budget_bytes=110 << 20,
-                               fixed_bytes=100 << 20, sch_curves=None, hotness=None, bits=4, min_bits=2,
-                               pin_bits=True)
-    assert sum(slots) <= 10 and min(slots) >= 2 and (bits == 4).all()
+def test_the_cache_gets_what_the_budget_leaves_after_the_headroom():
+    budget, held = 1000 << 20, 600 << 20
+    assert cache_room(budget, held) == budget - held - (48 << 20) - budget // 10
+    slots = slots_for(cache_room(budget, held) // (5 << 20), n_layers=16, n_experts=16, top_k=2, sch_curves=None)
+    assert len(slots) == 16 and min(slots) >= 2 and sum(slots) == cache_room(budget, held) // (5 << 20)
+    assert slots_for(10_000, 2, 4, 2, None) == (4, 4)  # never more slots than experts
 
 
 def test_engine_replay_counts_the_prefetchers_wrong_guesses():

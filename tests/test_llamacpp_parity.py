@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from helpers import greedy
 
 from edge.formats.gguf_write import write_gguf
 from edge.formats.hf import load_weights
 from edge.runtime.llamacpp import LlamaCppBackend
 from edge.runtime.reference import ReferenceEngine
-
-from helpers import greedy
 
 
 def test_default_model_f32_greedy_parity(default_dir, default_gguf_f32, heldout_ids):

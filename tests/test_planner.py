@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 import edge
-from edge.devices import device_names, device_profile, load_device_file
+from edge.device.profiles import device_names, device_profile, load_device_file
 from edge.errors import EdgeError
-from edge.planner import plan
-from edge.profile import HardwareProfile
+from edge.hardware import HardwareProfile
+from edge.plan.planner import plan
 
 THIS = HardwareProfile(
     name="test box", source="measured", measured_unix=0, cpu_model="x", cores_physical=2, cores_logical=2,
@@ -127,7 +127,7 @@ def test_every_device_profile_validates_and_plans():
 
 
 def test_malformed_profile_names_the_field(tmp_path):
-    from edge.devices import profiles_dir
+    from edge.device.profiles import profiles_dir
 
     src = (profiles_dir() / f"{device_names()[0]}.yaml").read_text()
     bad = tmp_path / "bad.yaml"

@@ -9,7 +9,8 @@ import time
 
 import psutil
 
-from edge.profile import HardwareProfile, cached_profile, memory_bandwidth_gbps
+from edge.device.profile import cached_profile, memory_bandwidth_gbps
+from edge.hardware import HardwareProfile
 
 
 def test_profile_measures_this_machine_in_seconds(tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import edge
-from edge.bundle import read_manifest
 from edge.errors import EdgeError
-from edge.moe.runtime import budget_for_stack
+from edge.formats.bundle import read_manifest
 from edge.quant.stack import LoadedStack, StackIndex
+from edge.runtime.offload.budget import budget_for_stack
 
 pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,12 @@ def test_an_impossible_budget_is_refused_and_changes_nothing(bundle):
             assert after[key] == before[key]
 
 
-def test_a_gguf_model_refuses_to_resize():
-    with edge.load() as m, pytest.raises(EdgeError, match="cannot resize while it runs"):
-        m.set_memory_budget("100MB")
+def test_a_gguf_model_refuses_to_resize(tmp_path):
+    edge.build(None, tmp_path / "g", format="gguf", weight_type="q8_0")
+    with edge.load(tmp_path / "g") as m:
+        assert m.backend_name == "llamacpp"
+        with pytest.raises(EdgeError, match="the llamacpp backend cannot resize while it runs"):
+            m.set_memory_budget("100MB")
 
 
 def test_a_truncated_stack_is_a_one_line_error(bundle, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 
 from edge.errors import BundleError
 from edge.formats import safetensors_io as st
-from edge.runtime.weights import LayerWeights, ModelWeights
+from edge.formats.weights import LayerWeights, ModelWeights
 from edge.spec import ModelSpec
 
 DTYPES = {"f32": np.float32, "f16": np.float16}

@@ -9,7 +9,7 @@ import numpy as np
 
 from edge.errors import ModelFormatError, UnsupportedModelError
 from edge.formats.gguf_write import GGUF_ARCH, unpermute_qk
-from edge.runtime.weights import LayerWeights, ModelWeights
+from edge.formats.weights import LayerWeights, ModelWeights
 from edge.spec import ModelSpec
 
 _ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError, UnsupportedModelError
-from edge.runtime.weights import ModelWeights
+from edge.formats.weights import ModelWeights
 from edge.spec import ModelSpec
 
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
@@ -91,7 +91,7 @@ def quantize_gguf(src: Path, dst: Path, outtype: str, *, threads: int = 2) -> No
     """Quantize a GGUF with llama.cpp's quantizer (the router and norms stay unquantized)."""
     import llama_cpp
 
-    from edge.runtime.llamacpp import route_llama_logs
+    from edge._llamacpp import route_llama_logs
 
     route_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()

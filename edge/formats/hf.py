@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.errors import ModelFormatError, UnsupportedModelError, read_json_object
 from edge.formats import safetensors_io as st
-from edge.runtime.weights import LayerWeights, ModelWeights
+from edge.formats.weights import LayerWeights, ModelWeights
 from edge.spec import ARCHITECTURES, ModelSpec
 
 _EXPERT_RE = re.compile(r"\.experts\.(\d+\.|gate_up_proj|down_proj)")

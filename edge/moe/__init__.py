@@ -1,1 +1,3 @@
-"""Everything about experts: routing traces, locality metrics, expert store and cache (issue 3)."""
+"""Expert analysis with no engine in it: routing traces, locality (SRP, SCH), cache policies and
+the one eviction implementation, the cache simulator built on it, cache sizing, plots.
+May import: spec, units, errors only (numpy aside)."""

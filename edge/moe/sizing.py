@@ -1,14 +1,30 @@
-"""From a memory budget to an offload configuration: slots per layer and bits per expert.
+"""Sizing expert caches: how many slots each layer gets (from its SCH curve), which bits each expert
+gets (HEBF), and the headroom a budget keeps free. Pure: numbers in, numbers out.
 
-Pure: takes numbers, returns numbers, refuses impossible budgets with the numbers."""
+The offload engine sizes its caches with these functions when it runs from a budget, and the
+planner predicts with the very same ones, so a plan and the engine it configures agree.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from edge.errors import EdgeError
-from edge.moe.cache import allocate_slots, hebf_bits
-from edge.units import format_bytes
+# Headroom under the budget for what RSS cannot show ahead: allocator slack, Python objects,
+# per-token activations, and the page cache of the code we run. Without swap, a process whose
+# anonymous memory fills its cgroup makes the kernel evict and re-read its own code pages on
+# every fault: measured on the synthetic benchmark model at 97% of the cap, decode slowed >10x.
+MARGIN_BYTES = 48 << 20
+MARGIN_FRACTION = 0.10
+
+
+def headroom_bytes(budget: int | None) -> int:
+    """What a budget keeps free beside everything the engine holds."""
+    return MARGIN_BYTES + int(MARGIN_FRACTION * (budget or 0))
+
+
+def cache_room(budget: int, held: int) -> int:
+    """Bytes left for the expert cache when the process holds ``held`` bytes besides it."""
+    return budget - held - headroom_bytes(budget)
 
 
 def slots_for(total_slots: int, n_layers: int, n_experts: int, top_k: int,
@@ -21,26 +37,58 @@ def slots_for(total_slots: int, n_layers: int, n_experts: int, top_k: int,
     return tuple(allocate_slots(curves, top_k, int(total), target=1.0))
 
 
-def offload_plan(*, n_layers: int, n_experts: int, top_k: int, slot_bytes: int, budget_bytes: int | None,
-                 fixed_bytes: int, sch_curves: np.ndarray | None, hotness: np.ndarray | None,
-                 bits: int, min_bits: int, pin_bits: bool) -> tuple[tuple[int, ...], np.ndarray]:
-    """(slots per layer, bits [L, E]).
+def bit_table(n_layers: int, n_experts: int, bits: int, min_bits: int, hotness: np.ndarray | None) -> np.ndarray:
+    """Bits [L, E] each expert loads at: ``bits`` for all when ``min_bits == bits`` or no hotness is
+    known, else HEBF between ``bits`` and ``min_bits``."""
+    if min_bits >= bits or hotness is None:
+        return np.full((n_layers, n_experts), bits, dtype=np.int64)
+    return hebf_bits(np.asarray(hotness), bits, min_bits, share_at_max=0.5)
 
-    ``fixed_bytes`` is what the process holds besides the expert cache (measured: interpreter,
-    dense weights, KV cache, I/O buffers). Without a budget every expert gets a slot."""
-    if budget_bytes is None:
-        slots = (n_experts,) * n_layers
-    else:
-        room = budget_bytes - fixed_bytes
-        need = n_layers * top_k * slot_bytes
-        if room < need:
-            raise EdgeError(
-                f"memory budget {format_bytes(budget_bytes)} is too small: the model's dense weights and "
-                f"runtime take {format_bytes(fixed_bytes)}, and {n_layers} layers x {top_k} experts need "
-                f"{format_bytes(need)} more")
-        slots = slots_for(int(room // slot_bytes), n_layers, n_experts, top_k, sch_curves)
-    if pin_bits or hotness is None:
-        bit_table = np.full((n_layers, n_experts), bits, dtype=np.int64)
-    else:
-        bit_table = hebf_bits(np.asarray(hotness), bits, min_bits, share_at_max=0.5)
-    return slots, bit_table
+
+def allocate_slots(sch_curves: np.ndarray, top_k: int, total_slots: int, target: float = 0.98) -> list[int]:
+    """Cache slots per layer from each layer's SCH curve [L, E] (hit rate for C = 1..E).
+
+    Every layer gets at least K slots (one token's experts must fit); the rest go, one at a time,
+    to the layer whose hit rate gains most from one more slot, until the budget is spent or every
+    layer reaches ``target`` of its full-cache hit rate (slots past that buy almost nothing)."""
+    L, E = sch_curves.shape
+    if total_slots < L * top_k:
+        raise ValueError(f"{total_slots} slots cannot give {L} layers {top_k} each")
+    slots = [min(top_k, E)] * L
+    left = total_slots - sum(slots)
+    while left > 0:
+        gains = []
+        for i in range(L):
+            c = slots[i]
+            done = c >= E or sch_curves[i, c - 1] >= target * sch_curves[i, -1]
+            gains.append(-1.0 if done else sch_curves[i, c] - sch_curves[i, c - 1])
+        best = int(np.argmax(gains))
+        if gains[best] < 0:
+            break
+        slots[best] += 1
+        left -= 1
+    return slots
+
+
+def hebf_bits(hotness: np.ndarray, max_bits: int, min_bits: int, share_at_max: float = 0.5) -> np.ndarray:
+    """Hottest-expert-bit-first (D²MoE): per layer, the hottest experts that together take
+    ``share_at_max`` of the activations get ``max_bits``; each further bit less goes to the next
+    half of what remains (0.5 -> 4 bits, next 0.25 -> 3, the coldest 0.25 -> 2). Hot experts
+    mostly hit the cache, so their bits cost memory, not reads; cold experts miss, so fewer bits
+    there cut the bytes read where reads happen.
+
+    hotness [L, E] (rows sum to 1) -> bits [L, E]."""
+    L, E = hotness.shape
+    n_levels = max_bits - min_bits + 1
+    bounds, b = [], share_at_max
+    for _ in range(n_levels - 1):
+        bounds.append(b)
+        b += (1.0 - b) / 2
+    bits = np.full((L, E), min_bits, dtype=np.int64)
+    for i in range(L):
+        order = np.argsort(-hotness[i], kind="stable")
+        before = np.cumsum(hotness[i][order]) - hotness[i][order]  # share taken by hotter experts
+        for e, share in zip(order, before):
+            level = int(np.searchsorted(bounds, share, side="right"))
+            bits[i, e] = max_bits - min(level, n_levels - 1)
+    return bits

@@ -22,6 +22,7 @@ matrices only; routers, norms, attention, embeddings and shared experts keep the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,7 +200,19 @@ def to_q4_1(buf, layout: NestedLayout, bits: int, out: np.ndarray | None = None,
         if rc != 0:
             raise ValueError(f"native Q4_1 conversion refused {n} weights at {bits} bits")
         return out
+    _warn_numpy_once()
     return _to_q4_1_numpy(top, planes, n, bits, d16, m16, out, scratch)
+
+
+_warned: list[bool] = []
+
+
+def _warn_numpy_once() -> None:
+    if native.nested_to_q4_1 is None and not _warned:
+        _warned.append(True)
+        logging.getLogger(__name__).warning(
+            "edge's native helper (edge/_native/nested.c) is not built: experts convert with numpy, about 3x slower; "
+            "reinstall edge with a C compiler present")
 
 
 def _to_q4_1_numpy(top, planes, n, bits, d16, m16, out, scratch):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import BundleError, EdgeError
-from edge.moe.store import anonymous_map
+from edge.memory import anonymous_map
 from edge.quant.bitstack import Block, Ordered, block_bytes, levels_at, reconstruct
 from edge.units import format_bytes
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from pathlib import Path
 
 import numpy as np
 
-from edge.errors import EdgeError
+from edge._llamacpp import ggml_cpu, lib_dir
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # enum ggml_type
 BLOCK_BYTES = {Q4_1: (32, 20), Q4_0: (32, 18), Q8_0: (32, 34), F32: (1, 4), F16: (1, 2)}
@@ -31,15 +30,10 @@ _libs: dict[str, ctypes.CDLL] = {}
 def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     with _lock:
         if not _libs:
-            try:
-                import llama_cpp
-            except ImportError as e:
-                raise EdgeError(f"the ggml kernels come with llama-cpp-python, which is missing ({e})") from None
-            libdir = Path(llama_cpp.__file__).parent / "lib"
             # libggml-base.so.0 / libggml-cpu.so.0: the sonames llama.cpp itself links to, so there is
             # one copy of ggml's global state in the process (docs: FACTS on llama-cpp-python).
-            base = ctypes.CDLL(str(libdir / "libggml-base.so.0"), mode=ctypes.RTLD_GLOBAL)
-            cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so.0"), mode=ctypes.RTLD_GLOBAL)
+            base = ctypes.CDLL(str(lib_dir() / "libggml-base.so.0"), mode=ctypes.RTLD_GLOBAL)
+            cpu = ggml_cpu()
             p, i64, sz, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_int
             sigs = {
                 "ggml_init": ([_InitParams], p), "ggml_free": ([p], None),

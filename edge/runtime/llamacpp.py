@@ -1,85 +1,146 @@
-"""llama.cpp backend (llama-cpp-python): GGUF files run whole, memory-mapped, with ggml's kernels."""
+"""llama.cpp backend: GGUF files run whole by llama.cpp's own model loader and kernels.
+
+edge owns the llama.cpp handles through llama-cpp-python's thin wrappers (``_internals``:
+model, context, batch) rather than its ``Llama`` class, because ``Llama`` cannot pass the model
+parameters that decide how a model larger than memory is read (``lazy_mode``, ``load_mode``) or
+whether weights are repacked into extra buffers (``use_extra_bufts``, which is also how llama.cpp
+reaches its AMX kernels). :class:`LoadOptions` names them.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edge._llamacpp import has_amx_int8, route_llama_logs
 from edge.errors import EdgeError
+from edge.hardware import default_threads
 
 log = logging.getLogger(__name__)
-_log_callback = None  # the ctypes callback must outlive every llama.cpp call
+
+LAZY_MODES = ("off", "auto", "on")
+LOAD_MODES = ("mmap", "none", "direct_io", "mlock", "mmap_mlock")
 
 
-def route_llama_logs() -> None:
-    """Send llama.cpp's own log lines to Python logging (DEBUG) instead of stderr.
+@dataclass(frozen=True)
+class LoadOptions:
+    """How llama.cpp loads a GGUF (llama_model_params). ``extra_bufts`` None: on, except where this
+    ggml build would use its AMX kernels, which crash (edge._llamacpp.has_amx_int8)."""
 
-    Called before edge first uses llama.cpp, never at import. ``edge --debug`` shows them."""
-    global _log_callback
-    if _log_callback is not None:
-        return
+    load_mode: str = "mmap"  # mmap (default: pages come from the file as used), none, direct_io, mlock, ...
+    lazy_mode: str = "off"  # off, auto (arch-marked tensors > 4 GiB read on demand), on (all marked ones)
+    extra_bufts: bool | None = None  # repack weights into llama.cpp's extra buffer types
+
+    def __post_init__(self) -> None:
+        if self.load_mode not in LOAD_MODES:
+            raise EdgeError(f"unknown llama.cpp load mode {self.load_mode!r}; choose {', '.join(LOAD_MODES)}")
+        if self.lazy_mode not in LAZY_MODES:
+            raise EdgeError(f"unknown llama.cpp lazy mode {self.lazy_mode!r}; choose {', '.join(LAZY_MODES)}")
+
+
+_warned_amx: list[bool] = []
+
+
+def _extra_bufts(opt: LoadOptions) -> bool:
+    if opt.extra_bufts is not None:
+        return opt.extra_bufts
+    if has_amx_int8():
+        if not _warned_amx:
+            _warned_amx.append(True)
+            log.warning("llama.cpp runs without its extra weight buffers (AMX, repacking): its AMX kernels crash "
+                        "on this CPU (llama.cpp #20824)")
+        return False
+    return True
+
+
+def model_params(opt: LoadOptions, *, vocab_only: bool = False):
     import llama_cpp
 
-    @llama_cpp.llama_log_callback
-    def _forward(level, text, user_data):  # noqa: ARG001
-        log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+    p = llama_cpp.llama_model_default_params()
+    p.n_gpu_layers = 0
+    p.vocab_only = vocab_only
+    p.load_mode = getattr(llama_cpp, f"LLAMA_LOAD_MODE_{opt.load_mode.upper()}")
+    p.lazy_mode = getattr(llama_cpp, f"LLAMA_LAZY_MODE_{opt.lazy_mode.upper()}")
+    p.use_extra_bufts = _extra_bufts(opt)
+    return p
 
-    _log_callback = _forward
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+def load_model(path: Path, opt: LoadOptions = LoadOptions(), *, vocab_only: bool = False):
+    """A llama_model (llama-cpp-python's owned wrapper) for ``path``; load failures are EdgeErrors."""
+    from llama_cpp import _internals
+
+    route_llama_logs()
+    try:
+        return _internals.LlamaModel(path_model=str(path), params=model_params(opt, vocab_only=vocab_only),
+                                     verbose=False)
+    except ValueError as e:  # "Failed to load model from file"
+        raise EdgeError(f"llama.cpp could not load {Path(path).name}: {e}") from None
 
 
 class LlamaCppBackend:
-    """Owns one ``llama_cpp.Llama``; exposes next-token logits for the shared generation loop."""
+    """Owns one llama.cpp model and context; exposes next-token logits for the generation loop."""
 
     name = "llamacpp"
 
     def __init__(self, gguf_path: Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 all_logits: bool = False):
+                 all_logits: bool = False, load: LoadOptions = LoadOptions(), n_batch: int = 512):
         import llama_cpp
+        from llama_cpp import _internals
 
-        route_llama_logs()
         self._lib = llama_cpp
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        self.threads = n_threads or default_threads()
+        self.load_options = load
+        self.model = load_model(gguf_path, load)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
+        cp.n_threads = cp.n_threads_batch = self.threads
         try:
-            self.llama = llama_cpp.Llama(
-                model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                logits_all=all_logits, verbose=False,
-            )
-        except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file")
-            raise EdgeError(f"llama.cpp could not load {gguf_path.name}: {e}") from None
-        self.n_ctx = self.llama.n_ctx()
-        self.n_vocab = self.llama.n_vocab()
+            self._ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
+        except ValueError as e:
+            self.model.close()
+            raise EdgeError(f"llama.cpp could not make a context of {n_ctx} tokens for {Path(gguf_path).name}: {e}") from None
+        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.n_batch = n_batch
+        self.n_ctx = self._ctx.n_ctx()
+        self.n_vocab = self.model.n_vocab()
         self._all_logits = all_logits
+        self.n_past = 0
 
-    @property
-    def n_past(self) -> int:
-        return self.llama.n_tokens
+    def _decode(self, tokens: Sequence[int], logits_all: bool) -> np.ndarray | None:
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise EdgeError(f"context full: {self.n_past} + {len(tokens)} tokens exceed n_ctx {self.n_ctx}")
+        self._ctx.kv_cache_seq_rm(-1, self.n_past, -1)  # forget what a truncate dropped
+        rows = []
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[i : i + self.n_batch])
+            self._batch.set_batch(batch=chunk, n_past=self.n_past, logits_all=logits_all)
+            self._ctx.decode(self._batch)
+            self.n_past += len(chunk)
+            if logits_all:
+                rows.append(np.ctypeslib.as_array(self._ctx.get_logits(), shape=(len(chunk), self.n_vocab)).copy())
+        return np.concatenate(rows) if logits_all else None
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        if self.llama.n_tokens + len(tokens) > self.n_ctx:
-            raise EdgeError(f"context full: {self.llama.n_tokens} + {len(tokens)} tokens exceed n_ctx {self.n_ctx}")
-        self.llama.eval(list(tokens))
-        ptr = self._lib.llama_get_logits_ith(self.llama._ctx.ctx, -1)
+        self._decode(tokens, False)
+        ptr = self._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def eval_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [T, V] for every token (needs ``all_logits=True``): perplexity measurement."""
         if not self._all_logits:
             raise RuntimeError("construct with all_logits=True to read every position's logits")
-        start = self.llama.n_tokens
-        self.llama.eval(list(tokens))
-        return np.array(self.llama.scores[start : start + len(tokens)], dtype=np.float32)
+        return self._decode(tokens, True)
 
     def truncate(self, n: int) -> None:
-        # Llama.eval drops cache cells from n_tokens on before decoding the next batch.
-        self.llama.n_tokens = max(0, min(n, self.llama.n_tokens))
+        self.n_past = max(0, min(n, self.n_past))  # the cache cells past n go before the next decode
 
     def close(self) -> None:
-        if getattr(self, "llama", None) is not None:
-            self.llama.close()
-            self.llama = None
+        for part in ("_batch", "_ctx", "model"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, part, None)

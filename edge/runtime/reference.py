@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from edge.errors import EdgeError
-from edge.runtime.weights import LayerWeights, ModelWeights
+from edge.formats.weights import LayerWeights, ModelWeights
 
 # Called once per layer per forward: (layer index, expert ids [T, K], gate weights [T, K]).
 RouteObserver = Callable[[int, np.ndarray, np.ndarray], None]

@@ -37,15 +37,16 @@ class HFTokenizer:
 
 
 class LlamaCppTokenizer:
-    """The tokenizer embedded in a GGUF, as llama.cpp applies it."""
+    """The tokenizer embedded in a GGUF, as llama.cpp applies it (a llama-cpp-python LlamaModel,
+    loaded whole or with ``vocab_only``)."""
 
-    def __init__(self, llama):
-        self._llama = llama
-        self.eos_ids = frozenset({int(llama.token_eos())})
-        self._add_bos = bool(llama._model.add_bos_token()) if hasattr(llama, "_model") else False
+    def __init__(self, model):
+        self._model = model
+        self.eos_ids = frozenset({int(model.token_eos())})
+        self._add_bos = bool(model.add_bos_token())
 
     def encode(self, text: str) -> list[int]:
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
+        return self._model.detokenize(list(ids)).decode("utf-8", errors="replace")

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edge.cli.output import err, out
 from edge.errors import EdgeError
 
 
@@ -19,7 +20,6 @@ def trace(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or
           window: int = typer.Option(512, "--window", help="Tokens per independent context window."),
           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Route at most this many tokens.")) -> None:
     """Record which experts every token uses in every layer (reference engine)."""
-    from edge.cli import err, out
     from edge.moe.trace import record_trace
     from edge.sdk import load
 
@@ -45,9 +45,8 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
              plot: Optional[Path] = typer.Option(None, "--plot", help="Write the SCH curves as a PNG."),
              as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.")) -> None:
     """Local routing consistency: SRP and the SCH hit-rate curve against cache size (moe-lrc)."""
-    from edge.cli import out
-    from edge.moe.cache import policy_hit_rates
     from edge.moe.locality import WINDOWS, analyze
+    from edge.moe.simulate import policy_hit_rates
     from edge.moe.trace import RoutingTrace
 
     tr = RoutingTrace.load(trace_file)

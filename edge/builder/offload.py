@@ -7,17 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import Progress, TokenizerInfo
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
-from edge.moe.cache import prefetch_guess, simulate, simulate_engine, simulate_replies
+from edge.formats.bundle import Progress, TokenizerInfo
+from edge.formats.weights import ModelWeights
 from edge.moe.locality import sch
-from edge.moe.store import write_store
+from edge.moe.simulate import simulate, simulate_engine, simulate_replies
 from edge.moe.trace import record_trace
 from edge.quant.nested import NestedLayout, encode
+from edge.quant.store import write_store
+from edge.runtime.offload.prefetch import prefetch_guess
 from edge.runtime.reference import ReferenceEngine
 from edge.runtime.tokenizer import HFTokenizer
-from edge.runtime.weights import ModelWeights
 
 CALIBRATION_TOKENS = 2048
 LOCALITY_WINDOW = 16  # SCH window for cache sizing: the horizon a decode-time cache lives in
@@ -91,7 +92,7 @@ def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say
     locality = measure_locality(weights, tokens)
     stack = None
     if bitstack:  # attention matrices as a BitStack stack; dense.safetensors leaves them out
-        from edge.quant.stack_build import build_stack
+        from edge.builder.stack import build_stack
 
         stack = build_stack(weights, tokens, tmp / "dense.stack", say=say).to_dict()
     say("writing dense weights")

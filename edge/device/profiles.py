@@ -1,4 +1,5 @@
-"""Device profiles from hw-profiles/*.yaml: published numbers, each with its source.
+"""Device profiles from hw-profiles/*.yaml (installed with the package; the repository's top-level
+hw-profiles/ links here): published numbers, each with its source.
 
 A profile file is data, validated by a strict schema: every field is ``{value, source}`` (or a
 ``derivation`` from sourced numbers), and ``value: unknown`` where nobody published the number —
@@ -13,15 +14,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from edge.errors import EdgeError, field_error
-from edge.profile import HardwareProfile
+from edge.hardware import HardwareProfile
 
 UNKNOWN = "unknown"
 NONE = "none"  # the device has no such part (e.g. no NPU), as its source says
 
 
 def profiles_dir() -> Path:
-    """hw-profiles/ of the source tree (the files ship with the repository)."""
-    return Path(__file__).resolve().parents[1] / "hw-profiles"
+    """The device profiles installed with edge (package data of edge.device)."""
+    return Path(__file__).resolve().parent / "hw-profiles"
 
 
 class Sourced(BaseModel):

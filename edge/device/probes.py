@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.cache import cache_dir
+from edge.hardware import default_threads
+from edge.paths import cache_dir
+from edge.plan.costs import BPW, expert_load_s, gemv_stream_bps, offload_compute_s
+from edge.runtime.offload.options import OffloadOptions
 
 # The streaming probe's model: Qwen1.5-MoE-like matrix shapes (hidden 2048, experts 1408 wide),
 # 3 layers, top-2 of 8 experts: 57 MB of Q4_1 weights per token, beyond the last-level cache of
@@ -54,10 +57,7 @@ def _probe_weights_s(gemv_q4_gflops: float, dense_bpw: float, expert_bpw: float,
     last-level cache (4.7 MB at Q8_0; 32 MB cache here) its weights never come from DRAM, so
     there is nothing to subtract: subtracting DRAM time made the fixed cost 17 µs per layer where
     a 4-layer decode takes 200 µs, and the default model's prediction 50% fast."""
-    import edge
-    from edge.planner import gemv_stream_bps
-
-    spec = edge.inspect()
+    spec = _default_spec()
     if llc and (spec.dense_params * dense_bpw + spec.expert_params * expert_bpw) / 8 <= llc:
         return 0.0, spec.n_layers
     return spec.decode_bytes(dense_bpw, expert_bpw) / gemv_stream_bps(gemv_q4_gflops), spec.n_layers
@@ -77,7 +77,7 @@ def llama_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | Non
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         write_gguf(load_weights(d), d / "tokenizer.json", tmp, outtype="q8_0", bos_id=0, eos_id=0)
         os.replace(tmp, path)
-    be = LlamaCppBackend(path, n_ctx=256, n_threads=os.cpu_count() or 1)
+    be = LlamaCppBackend(path, n_ctx=256, n_threads=default_threads())
     try:
         per_token = _per_token_s(be)
     finally:
@@ -88,19 +88,22 @@ def llama_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | Non
 
 def offload_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float:
     """The offload engine's fixed cost per layer per decoded token: the embedded default model
-    (4 layers, every expert resident, so no loads) decoding."""
-    import edge
+    (4 layers, every expert resident, so no loads) decoding, prefetcher off as plans run it where
+    it does not save loads (with it on, each layer also pays the router product of its guess)."""
+    from edge.builder.bundles import build
 
     bundle = cache_dir() / "profile-default-offload"
     if not (bundle / "manifest.json").is_file():
-        edge.build(None, bundle, format="offload", force=True)
-    with edge.load(bundle, n_ctx=256) as m:  # prefetch on, as the engine runs by default
-        be = m.backend
+        build(None, bundle, format="offload", force=True)
+    be, _ = open_engine(bundle, OffloadOptions(prefetch=False), n_ctx=256)
+    try:
         for layer in range(len(be.caches)):  # every expert resident before timing
             for e in range(be.spec.n_experts):
                 if e not in be.caches[layer].slot_of:
                     be._load(layer, e, set(), "main")
         per_token = _per_token_s(be)
+    finally:
+        be.close()
     weights_s, n_layers = _probe_weights_s(gemv_q4_gflops, 8.5, 5.0, llc)  # dense Q8_0, experts Q4_1
     return max(0.0, per_token - weights_s) / n_layers * 1e6
 
@@ -110,16 +113,15 @@ def moe_probe_gguf() -> Path:
     Mixtral architecture, :data:`PROBE_SHAPE`, the default model's tokenizer. Its weights are
     random and every expert of a layer holds the same values (one matrix in memory while writing,
     not 8); in the file each expert has its own bytes, so decoding reads them all from DRAM."""
-    import edge
     from edge.formats.gguf_write import write_gguf
+    from edge.formats.weights import LayerWeights, ModelWeights
     from edge.models import default_model_path
-    from edge.runtime.weights import LayerWeights, ModelWeights
 
     path = cache_dir("gguf") / "profile-moe-q4_1.gguf"
     if path.is_file():
         return path
     d = default_model_path()
-    s = dataclasses.replace(edge.inspect(), **PROBE_SHAPE)
+    s = dataclasses.replace(_default_spec(), **PROBE_SHAPE)
     rng = np.random.default_rng(0)
     D, F, E, V = s.hidden_size, s.expert_ffn_size, s.n_experts, s.vocab_size
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
@@ -150,16 +152,15 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
     probe model's weights per token over its decode time less the measured fixed cost per layer
     (``layer_us``). None when the probe's weights per token are not well beyond this device's
     last-level cache (1.5x): part of them would be read from the cache, not DRAM."""
-    import edge
-    from edge.planner import BPW
+    from edge.formats.gguf_read import read_spec
     from edge.runtime.llamacpp import LlamaCppBackend
 
     path = moe_probe_gguf()
-    spec = edge.inspect(path)
+    spec = read_spec(path)
     active = spec.decode_bytes(BPW["q4_1"], BPW["q4_1"])
     if llc and active < 1.5 * llc:
         return None
-    be = LlamaCppBackend(path, n_ctx=256, n_threads=os.cpu_count() or 1)
+    be = LlamaCppBackend(path, n_ctx=256, n_threads=default_threads())
     try:
         per_token = _per_token_s(be, passes=3)
     finally:
@@ -178,10 +179,7 @@ def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4
     (docs/planner.md): the steps timed alone run on warm buffers and caches that the engine's
     loads, between layers of compute, do not find. None for a width when loads are too small a
     share of the step to tell; all None when the device has no GEMV rate to take the compute out."""
-    import edge
-    from edge.bundle import read_manifest
-    from edge.planner import expert_load_s, gemv_stream_bps, offload_compute_s
-    from edge.sdk import OffloadOptions
+    from edge.formats.bundle import read_manifest
 
     spec = read_manifest(bundle).spec
     read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
@@ -192,22 +190,45 @@ def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4
     weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
     alone = dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None)
     factors: dict[int, float | None] = {}
-    # prefetch off: every load is a demand load on the main thread, as plans run (edge/planner.py)
-    with edge.load(bundle, n_ctx=128, offload=OffloadOptions(pin_bits=True, prefetch=False)) as m:
-        be, prompt = m.backend, m.tokenize("import os\nimport sys\n")
+    # prefetch off: every load is a demand load on the main thread, as plans run (edge/plan/planner.py)
+    be, tok = open_engine(bundle, OffloadOptions(pin_bits=True, prefetch=False), n_ctx=128)
+    try:
+        prompt = tok.encode("import os\nimport sys\n")
         for b in bits:
             be.truncate(0)
             be.set_cache(slots, np.full((L, E), b))  # empty caches, every expert at b bits
             logits = be.eval(prompt)
             for _ in range(2):  # past the prompt's group-wise loads
                 logits = be.eval([int(np.argmax(logits))])
-            before, n, t0 = m.metrics()["expert_loads"], 0, time.perf_counter()
+            before, n, t0 = be.metrics()["expert_loads"], 0, time.perf_counter()
             while n < 3 or (n < 16 and time.perf_counter() - t0 < seconds):
                 logits = be.eval([int(np.argmax(logits))])
                 n += 1
             per_token = (time.perf_counter() - t0) / n
-            per_token_loads = (m.metrics()["expert_loads"] - before) / n
+            per_token_loads = (be.metrics()["expert_loads"] - before) / n
             loading = per_token - weights_s - fixed_s
             ok = per_token_loads > 0 and loading >= 0.3 * per_token
             factors[b] = loading / per_token_loads / expert_load_s(spec, alone, b, read_mbps)[0] if ok else None
+    finally:
+        be.close()
     return factors
+
+
+def open_engine(bundle: Path, options, *, n_ctx: int):
+    """The offload engine on ``bundle`` with ``options`` and no budget, and its tokenizer: the
+    probes time the engine itself, not a deployed plan."""
+    from edge.formats.bundle import read_manifest
+    from edge.runtime.offload.open import open_offload
+    from edge.runtime.tokenizer import HFTokenizer
+
+    manifest = read_manifest(bundle)
+    engine = open_offload(bundle, manifest, budget=None, options=options.resolved(), n_ctx=n_ctx,
+                          threads=default_threads())
+    return engine, HFTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
+
+
+def _default_spec():
+    from edge.formats.hf import read_spec
+    from edge.models import default_model_path
+
+    return read_spec(default_model_path())

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from edge.cli.output import err, out
 from edge.errors import EdgeError
 
 
@@ -19,8 +20,7 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
     """Measure this device: CPU and ISA, RAM (total, available, cgroup limit), memory bandwidth,
     storage read speeds, ggml kernel throughput, ONNX Runtime providers, llama.cpp RPC.
     Takes a few seconds; the result is cached for a day."""
-    from edge.cli import err, out
-    from edge.profile import cached_profile
+    from edge.device.profile import cached_profile
     from edge.units import format_bytes
 
     if storage is not None and not storage.is_dir():
@@ -50,7 +50,8 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
         ("ggml Q4_1 GEMV", fmt(p.gemv_q4_gflops, "GFLOP/s")),
         ("ggml Q8_0 GEMV", fmt(p.gemv_q8_gflops, "GFLOP/s")),
         ("ggml graph call (ctypes)", fmt(p.ggml_call_us, "µs")),
-        ("expert conversion to Q4_1", fmt(p.convert_mbps, "MB/s")),
+        ("expert conversion to Q4_1", fmt(p.convert_mbps, "MB/s") + {
+            True: " (native helper)", False: " (numpy: the native helper is not built, ~3x slower)", None: ""}[p.native_convert]),
         ("llama.cpp fixed cost per layer", fmt(p.llama_layer_us, "µs")),
         ("llama.cpp MoE decode, Q4_1 weights", fmt(p.llama_stream_gbps, "GB/s")),
         ("offload engine fixed cost per layer", fmt(p.offload_layer_us, "µs")),
@@ -71,10 +72,8 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
          backend: str = typer.Option("auto", "--backend", help="auto, llamacpp or offload."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
     """Plan how MODEL runs on a device within a memory budget, with predicted speed and memory."""
-    from dataclasses import asdict
-
-    from edge.cli import out
-    from edge.planner import plan as make_plan, slots_text
+    from edge.plan.planner import plan as make_plan
+    from edge.plan.planner import slots_text
     from edge.sources import read_spec, resolve
     from edge.units import format_bytes, parse_bytes
 
@@ -82,17 +81,17 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     spec = read_spec(src)
     locality = None
     if src.kind == "bundle":
-        from edge.bundle import read_manifest
+        from edge.formats.bundle import read_manifest
 
         locality = read_manifest(src.path).locality
     if device == "auto":
-        from edge.profile import at_bundle, cached_profile
+        from edge.device.profile import at_bundle, cached_profile
 
         prof = cached_profile()
         if locality is not None:  # an offload bundle here: time reads of its own expert store
             prof = at_bundle(prof, src.path)
     else:
-        from edge.devices import device_profile
+        from edge.device.profiles import device_profile
 
         prof = device_profile(device)
     try:
@@ -102,7 +101,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, locality=locality,
                   model_name=src.name, backend=backend)
     if as_json:
-        out.print_json(json.dumps(asdict(p)))
+        out.print_json(json.dumps(p.to_dict()))
         return
     out.print(f"[bold]{p.model}[/] on [bold]{p.device}[/], budget {format_bytes(p.budget_bytes)}, context {p.context}")
     out.print(f"  backend {p.backend}, {p.weight_type}, {p.threads} threads"
@@ -111,8 +110,8 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     if p.predicted_decode_tok_s is None:
         out.print(f"  predicted: peak memory {format_bytes(p.predicted_peak_bytes)}; speed unknown (see why)")
     else:
-        out.print(f"  predicted: decode {p.predicted_decode_tok_s:.2f} tok/s, prefill {p.predicted_prefill_tok_s:.0f} "
-                  f"tok/s, first token {p.predicted_ttft_s:.2f} s, peak memory {format_bytes(p.predicted_peak_bytes)}")
+        out.print(f"  predicted: decode {p.predicted_decode_tok_s:.2f} tok/s, peak memory "
+                  f"{format_bytes(p.predicted_peak_bytes)} (time to first token: not predicted; edge bench measures it)")
     out.print("  why:")
     for r in p.reasons:
         out.print(f"   - {r}", markup=False)
@@ -122,12 +121,12 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
            device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile name."),
            budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
            context: int = typer.Option(2048, "--context", help="Context length to plan for."),
+           backend: str = typer.Option("auto", "--backend", help="auto (the planner chooses), llamacpp or offload."),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle folder (default: NAME-BACKEND)."),
            force: bool = typer.Option(False, "--force", help="Replace an existing bundle.")) -> None:
     """Profile -> plan -> build the bundle for that plan -> smoke-run it, with a summary."""
-    from edge.cli import err, out
     from edge.deploy import deploy as run_deploy
-    from edge.planner import slots_text
+    from edge.plan.planner import slots_text
     from edge.units import format_bytes, parse_bytes
 
     try:
@@ -136,7 +135,7 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
         raise EdgeError(f"--budget: {e}") from None
     with err.status("deploying") as status:
         p, path, smoke = run_deploy(model, output, device=device, budget_bytes=budget_bytes, context=context,
-                                    force=force, say=lambda msg: status.update(msg))
+                                    backend=backend, force=force, say=lambda msg: status.update(msg))
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -149,31 +148,29 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
                  ("smoke run output", repr(smoke["text"][:60]))]:
         t.add_row(k, str(v))
     out.print(t)
-    out.print(f"next: edge run \"...\" -m {path}" + (f" --memory-budget {p.budget_bytes}" if p.backend == "offload" else "")
-              + f"   |   edge bench {path}")
+    out.print(f"next: edge run \"...\" -m {path}   (runs as planned: plan.json)   |   edge bench {path}")
 
 
 def bench(bundle: Path = typer.Argument(..., help="A bundle made by edge deploy."),
           tokens: int = typer.Option(64, "--tokens", help="Tokens to decode."),
           runs: int = typer.Option(3, "--runs", min=1, help="Runs, each from an empty context and expert cache; medians are shown.")) -> None:
     """Run a deployed bundle as planned; print predicted vs measured speed and memory."""
-    from edge.cli import err, out
-    from edge.deploy import measure, read_plan
+    from edge.deploy import measure, planned
     from edge.units import format_bytes
 
-    p = read_plan(bundle)
+    p = planned(bundle)
     with err.status(f"running {bundle} as planned ({runs} x {tokens} tokens)"):
-        got = measure(bundle, p, tokens=tokens, runs=runs)
+        got = measure(bundle, tokens=tokens, runs=runs)
     t = Table(title=f"{bundle}: {p.backend} on {p.device}, median of {runs} runs of {tokens} tokens",
               title_justify="left")
     for c in ("", "predicted", "measured", "error"):
         t.add_column(c, justify="right" if c else "left")
 
-    def row(name, pred, meas, fmt):
+    def row(name, pred, meas, fmt, missing="unknown"):
         err_pct = "-" if pred is None else f"{(pred - meas) / meas * 100:+.1f}%"
-        t.add_row(name, "unknown" if pred is None else fmt(pred), fmt(meas), err_pct)
+        t.add_row(name, missing if pred is None else fmt(pred), fmt(meas), err_pct)
 
     row("decode tokens/s", p.predicted_decode_tok_s, got["decode_tok_s"], lambda v: f"{v:.2f}")
-    row("time to first token s", p.predicted_ttft_s, got["ttft_s"], lambda v: f"{v:.3f}")
+    row("time to first token s", None, got["ttft_s"], lambda v: f"{v:.3f}", missing="not predicted")
     row("peak memory", p.predicted_peak_bytes, got["peak_rss_bytes"], format_bytes)
     out.print(t)

@@ -1,4 +1,5 @@
-"""Where edge keeps derived files: $EDGE_CACHE_DIR, else ~/.cache/edge."""
+"""Where edge keeps the files it derives (converted GGUFs, probe models, verification stamps,
+cached profiles and routing): $EDGE_CACHE_DIR, else ~/.cache/edge."""
 
 from __future__ import annotations
 

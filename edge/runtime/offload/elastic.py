@@ -18,8 +18,8 @@ import psutil
 
 from edge.errors import EdgeError
 from edge.memory import cgroup_memory
-from edge.moe.engine import OffloadEngine
-from edge.moe.runtime import set_memory_budget, smallest_budget
+from edge.runtime.offload.budget import set_memory_budget, smallest_budget
+from edge.runtime.offload.engine import OffloadEngine
 from edge.units import format_bytes
 
 log = logging.getLogger(__name__)

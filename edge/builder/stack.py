@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.formats.weights import ModelWeights
 from edge.quant.bitstack import BLOCKS_DEFAULT, K_DEFAULT, activation_scales, block_bytes, decompose, order_by_error
 from edge.quant.stack import StackIndex, write_stack
 from edge.runtime.reference import ReferenceEngine
-from edge.runtime.weights import ModelWeights
 
 STACK_FIELDS = ("wq", "wk", "wv", "wo")  # the dense matrices of every layer that a stack holds
 

@@ -9,7 +9,6 @@ Shapes: T tokens, D hidden, H heads, G kv heads, Dh head dim, E experts, K activ
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -18,14 +17,18 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from edge import _native as native
 from edge.errors import EdgeError
-from edge.moe.cache import Policy, prefetch_guess
-from edge.moe.store import ExpertStore, aligned_buffer
+from edge.formats.weights import ModelWeights
+from edge.hardware import default_threads
+from edge.memory import aligned_buffer
+from edge.moe.policies import Policy, ResidentSet
 from edge.quant.nested import to_q4_1
 from edge.quant.stack import LoadedStack
 from edge.runtime import ggml
+from edge.runtime.offload.prefetch import prefetch_guess
+from edge.runtime.offload.store import ExpertStore
 from edge.runtime.reference import apply_rope, attend, rms_norm, rope_inv_freq, rope_tables, route
-from edge.runtime.weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,12 @@ class Telemetry:
 
 
 class LayerCache:
-    """C expert slots of one layer, each holding an expert's three matrices as Q4_1 tensors."""
+    """C expert slots of one layer, each holding an expert's three matrices as Q4_1 tensors; which
+    expert sits where, and which leaves on a miss, is the :class:`ResidentSet` the simulators run."""
 
     def __init__(self, capacity: int, shapes, policy: Policy):
         self.capacity, self.policy = capacity, policy
+        self.resident = ResidentSet(capacity, policy)
         self.slot_bytes = sum(ggml.row_bytes(ggml.Q4_1, c) * r for r, c in shapes)
         self.buffers: list[np.ndarray] = []
         self.weights: list[list[ggml.Weight]] = []
@@ -70,21 +75,20 @@ class LayerCache:
                 at += w.nbytes
             self.buffers.append(buf)
             self.weights.append(ws)
-        self.slot_of: dict[int, int] = {}  # expert -> slot
         self.bits_of: dict[int, int] = {}
         self.from_prefetch: set[int] = set()
-        self.free = list(range(capacity))
 
-    def take_slot(self, protect: set[int]) -> int:
-        if self.free:
-            return self.free.pop()
-        candidates = [e for e in self.slot_of if e not in protect]
-        if not candidates:
-            raise RuntimeError("every slot is protected")
-        victim = self.policy.victim(candidates)
-        slot = self.slot_of.pop(victim)
-        self.bits_of.pop(victim, None)
-        self.from_prefetch.discard(victim)
+    @property
+    def slot_of(self) -> dict[int, int]:
+        """expert -> slot of the experts resident now."""
+        return self.resident.slot_of
+
+    def admit(self, expert: int, spare: set[int]) -> int:
+        """A slot for ``expert`` (evicting the policy's victim outside ``spare`` when full)."""
+        slot, victim = self.resident.admit(expert, spare)
+        if victim is not None:
+            self.bits_of.pop(victim, None)
+            self.from_prefetch.discard(victim)
         return slot
 
 
@@ -94,7 +98,7 @@ class OffloadConfig:
     bits: np.ndarray  # [L, E] bits each expert is loaded at
     policy: str = "locality"
     prefetch: bool = True
-    threads: int = 0  # 0: all cores
+    threads: int = 0  # 0: the physical cores (edge.hardware.default_threads)
     io_mode: str = "auto"
 
 
@@ -107,7 +111,7 @@ class OffloadEngine:
                  stack: LoadedStack | None = None):
         s = dense.spec
         self.spec, self.store, self.config = s, store, config
-        self.threads = config.threads or os.cpu_count() or 1
+        self.threads = config.threads or default_threads()
         self.n_ctx = min(n_ctx, s.context_length)
         self.n_vocab = s.vocab_size
         self.n_past = 0
@@ -181,9 +185,8 @@ class OffloadEngine:
         t0 = time.perf_counter()
         raw = self.store.read(layer, expert, bits, self._stage[who])
         t1 = time.perf_counter()
-        slot = cache.take_slot(protect)
+        slot = cache.admit(expert, protect)
         to_q4_1(raw, self.store.index.layout, bits, out=cache.buffers[slot], scratch=self._scratch[who])
-        cache.slot_of[expert] = slot
         cache.bits_of[expert] = bits
         with self._lock:
             self.telemetry.bytes_read += raw.nbytes
@@ -356,6 +359,10 @@ class OffloadEngine:
             "bits_histogram": dict(sorted(t.bits_served.items())),
             "io_mode": self.store.mode,
             "policy": self.config.policy,
+            "prefetch": self.config.prefetch,
+            "threads": self.threads,
+            "expert_bits": sorted({int(b) for b in np.unique(self.config.bits)}),
+            "expert_conversion": "native" if native.nested_to_q4_1 is not None else "numpy",
         }
 
     def close(self) -> None:

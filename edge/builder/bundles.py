@@ -7,8 +7,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from edge.bundle import Manifest, Progress, TokenizerInfo, write_bundle
 from edge.errors import EdgeError
+from edge.formats.bundle import Manifest, Progress, TokenizerInfo, write_bundle
 from edge.formats.gguf_write import OUTTYPES
 from edge.formats.safetensors_io import read_header
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
@@ -60,8 +60,8 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
         if format == "gguf":
             return _populate_gguf(src, tmp, wtype, threads, say)
         if format == "offload":
+            from edge.builder.offload import populate_offload
             from edge.formats.hf import load_weights
-            from edge.moe.build import populate_offload
 
             say("reading checkpoint")
             bos, eos = hf_special_ids(src.path)
