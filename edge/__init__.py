@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from edge._version import __version__
+
 __all__ = ["EdgeError", "Model", "ModelSpec", "build", "inspect", "load", "__version__"]
 
 if TYPE_CHECKING:

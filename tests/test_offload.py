@@ -245,3 +245,36 @@ def test_a_deployed_bundle_runs_its_plan_and_refuses_one_that_does_not_fit(bundl
     with pytest.raises(edge.EdgeError, match=r"planned expert cache \(18 slots, .*\) does not fit the 100 MiB budget "
                                              r"here: this process already holds"):
         edge.load(copy)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "locality"])
+def test_the_simulator_replays_the_engines_cache_hit_for_hit(bundle, policy):
+    """One eviction implementation: the engine decoding real text and the simulator replaying the
+    routing the engine recorded see the same hits and misses, layer by layer, call by call."""
+    from edge.moe.simulate import EngineReplay
+
+    slots = (2, 3, 3, 4)
+    with edge.load(bundle, offload=OffloadOptions(policy=policy, pin_bits=True, prefetch=False)) as m:
+        be, s = m.backend, m.spec
+        be.set_cache(slots, be.config.bits)
+        routed: list[list[np.ndarray]] = [[] for _ in range(s.n_layers)]
+        be.route_observers.append(lambda i, ids, w: routed[i].append(ids.copy()))
+        engine_events: list[list[tuple[int, int]]] = [[] for _ in range(s.n_layers)]
+
+        def step(tokens):
+            before = [(x.hits, x.misses) for x in be.telemetry.layers]
+            logits = be.eval(tokens)
+            for i, x in enumerate(be.telemetry.layers):
+                engine_events[i].append((x.hits - before[i][0], x.misses - before[i][1]))
+            return int(np.argmax(logits))
+
+        tok = step(m.tokenize("class Queue:\n    def __init__(self):\n"))
+        for _ in range(40):
+            tok = step([tok])
+    for i in range(s.n_layers):
+        replay = EngineReplay(s.n_experts, slots[i], policy, keep_events=True)
+        replay.prefill(routed[i][0])
+        for ids in routed[i][1:]:
+            replay.decode(None, ids[0])
+        assert replay.events == engine_events[i], f"layer {i}"
+        assert sum(mi for _, mi in replay.events) > slots[i]  # more loads than slots: it really evicted

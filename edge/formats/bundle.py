@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge import __version__
+from edge._version import __version__
 from edge.errors import BundleError, field_error, read_json_object
 from edge.paths import cache_dir
 from edge.spec import ModelSpec

@@ -1,0 +1,32 @@
+"""The package's shape: its layer contracts hold (import-linter), and the wheel a user installs
+carries the data edge needs at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_layer_contracts_in_pyproject_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in proc.stdout
+
+
+def test_the_wheel_carries_the_device_profiles_and_the_default_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("edge-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    profiles = {Path(n).stem for n in names if n.startswith("edge/device/hw-profiles/") and n.endswith(".yaml")}
+    shipped = {p.stem for p in (ROOT / "edge" / "device" / "hw-profiles").glob("*.yaml")}
+    assert profiles == shipped and "raspberry-pi-5-8gb" in profiles
+    for f in ("config.json", "tokenizer.json", "model.safetensors", "generation_config.json"):
+        assert f"edge/models/default/{f}" in names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
