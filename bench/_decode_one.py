@@ -2,8 +2,11 @@
 
     python bench/_decode_one.py SYSTEM PATH TOKENS THREADS [OFFLOAD-OPTIONS-JSON]
 
-SYSTEM: llamacpp (plain llama-cpp-python on a GGUF, default settings, mmap on) or edge (edge.load
-on a bundle). Prints one JSON line: prefill and decode timings, and edge's engine metrics.
+SYSTEM: llamacpp (llama.cpp on a GGUF through llama-cpp-python's own model, context and batch
+handles: llama.cpp computes everything; OPTIONS may set its load_mode, lazy_mode and extra_bufts,
+default mmap, off, and on except where ggml would use its AMX kernels, which crash on this kind of
+machine) or edge (edge.load on a bundle or GGUF). Prints one JSON line: prefill and decode timings,
+and edge's engine metrics.
 """
 
 from __future__ import annotations
@@ -23,16 +26,11 @@ def main() -> None:
     opts = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     t0 = time.perf_counter()
     if system == "llamacpp":
-        import llama_cpp
+        from edge.runtime.llamacpp import LlamaCppBackend, LoadOptions
 
-        llm = llama_cpp.Llama(path, n_ctx=512, n_threads=threads, verbose=False)
-        prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
-
-        def step(tokens):
-            llm.eval(tokens)
-            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-            return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
-
+        be = LlamaCppBackend(path, n_ctx=512, n_threads=threads, load=LoadOptions(**opts))
+        prompt = be.model.tokenize(PROMPT.encode(), add_bos=False, special=False)
+        step = be.eval
         metrics = None
     else:
         import edge

@@ -127,9 +127,9 @@ class Scorer:
 
 
 def tokenize(f32: Path, calib_text: str, held_text: str) -> tuple[list[int], list[int], int]:
-    import llama_cpp
+    from edge.runtime.llamacpp import load_model
 
-    voc = llama_cpp.Llama(model_path=str(f32), vocab_only=True, verbose=False)
+    voc = load_model(f32, vocab_only=True)
     calib = voc.tokenize(calib_text.encode(), add_bos=False, special=False)
     held = voc.tokenize(held_text.encode(), add_bos=False, special=False)
     bos = voc.token_bos()

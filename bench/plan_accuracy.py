@@ -3,7 +3,7 @@ that differ in backend, memory budget (enforced by a cgroup cap) and bits.
 
     sudo python bench/plan_accuracy.py          # needs bench/offload.py's model (built if missing)
 
-Each plan is made by edge.planner from this machine's profile (edge profile), measured right
+Each plan is made by edge.plan.planner from this machine's profile (edge profile), measured right
 before it, and then run as planned, once per round (--runs rounds): llama.cpp plans on a gguf
 bundle read into the page cache first (a model that fits stays cached), offload plans on an
 offload bundle inside a cgroup cap equal to the budget (page cache dropped first). Decode: 64
@@ -123,8 +123,8 @@ def main() -> None:
                 dev = device
             p = plan(m.spec, dev, budget_bytes=budget or device.usable_memory_bytes, context=512, bits=bits,
                      locality=m.locality, model_name=bundle.name, backend=backend)
-            if backend == "offload":  # run as planned
-                opts = dict(opts, prefetch=p.prefetch_layers > 0)
+            if backend == "offload":  # run as planned: the plan's cache slots and prefetch
+                opts = dict(opts, prefetch=p.prefetch_layers > 0, slots=list(p.cache_slots_per_layer))
             got = measure(bundle, budget, opts, args.tokens, threads, backend == "offload")
             preds[label].append(p)
             results[label].append(got)

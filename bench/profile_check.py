@@ -4,7 +4,7 @@
 
 Memory: the profiler's STREAM-style copy against a plain numpy copy of a 1 GiB array (4x the
 profiler's size), timed here. Storage: ``dd`` (coreutils) and the profiler's read probe
-(edge.profile.read_speeds, what ``edge profile`` runs on its scratch file) reading the same 1 GiB
+(edge.device.storage.read_speeds, what ``edge profile`` runs on its scratch file) reading the same 1 GiB
 file, written by ``dd`` in the folder: ``iflag=direct`` against the O_DIRECT figure, and a
 buffered read after dropping the page cache against the buffered one. The tools take turns going
 first (a virtual disk's host remembers what was just read); medians of --runs. The profiler reads

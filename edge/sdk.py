@@ -125,8 +125,8 @@ class Model:
         return set_memory_budget(self.backend, nbytes, reason=reason)
 
     def elastic(self, *, floor: int | str | None = None, ceiling: int | str | None = None):
-        """Start the elastic memory manager (edge/moe/elastic.py): the budget follows the memory the
-        device has free, between ``floor`` and ``ceiling`` (default: the budget now). Stopped by
+        """Start the elastic memory manager (edge/runtime/offload/elastic.py): the budget follows the
+        memory the device has free, between ``floor`` and ``ceiling`` (default: the budget now). Stopped by
         ``close()``; returns the manager."""
         from edge.runtime.offload.elastic import ElasticManager
 

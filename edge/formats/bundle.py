@@ -56,7 +56,7 @@ class Manifest(BaseModel):
     tool: str
     created_unix: int
     source: str
-    experts: dict | None = None  # offload bundles: the expert store's index (edge/moe/store.py)
+    experts: dict | None = None  # offload bundles: the expert store's index (edge/quant/store.py)
     locality: dict | None = None  # offload bundles: SCH curves and hotness from a calibration trace
     bitstack: dict | None = None  # offload bundles with stacked attention: the stack's index (edge/quant/stack.py)
 
@@ -110,7 +110,7 @@ def verify_bundle(bundle: Path, manifest: Manifest, *, full: bool = False,
                 f"bundle file {entry.path} is {st.st_size:,} bytes; the manifest says {entry.size_bytes:,}")
         seen = [st.st_size, st.st_mtime_ns, entry.sha256]
         if entry.role == "experts" and not full:
-            continue  # every record carries its own checksums, checked as it is read (edge/moe/store.py)
+            continue  # every record carries its own checksums, checked as it is read (runtime/offload/store.py)
         if full or stamps.get(entry.path) != seen:
             if progress:
                 progress(f"verifying {entry.path}")
