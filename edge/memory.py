@@ -55,6 +55,18 @@ def footprint_bytes() -> int:
     return max(rss, cg[0]) if cg else rss
 
 
+def usable_bytes() -> int:
+    """What this process may hold now: what it holds plus the memory available (system and, in a
+    limited cgroup, the group's room)."""
+    vm = psutil.virtual_memory()
+    held = footprint_bytes()
+    usable = held + vm.available
+    cg = cgroup_memory()
+    if cg:
+        usable = min(usable, cg[1] - cg[0] + held)
+    return usable
+
+
 def aligned_buffer(nbytes: int, *, huge: bool = True) -> np.ndarray:
     """A uint8 buffer of nbytes, page aligned (O_DIRECT needs 4 KiB), zero-filled.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -21,6 +22,7 @@ from edge.spec import ModelSpec
 from edge.units import parse_bytes
 
 __all__ = ["BACKENDS", "Model", "OffloadOptions", "load"]
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "llamacpp", "offload")
 
 
@@ -50,6 +52,7 @@ class Model:
         self.notes = notes  # what a deployed bundle's plan set and what the caller overrode, one line each
         self._session = Session(backend, tokenizer)
         self._elastic = None
+        self._on_close: list = []  # e.g. saving the routing seen in use (edge/routing.py)
 
     @property
     def backend_name(self) -> str:
@@ -140,6 +143,12 @@ class Model:
         if self._elastic is not None:
             self._elastic.stop()
             self._elastic = None
+        while self._on_close:
+            hook = self._on_close.pop()
+            try:
+                hook()
+            except OSError as e:  # a full disk must not lose the user's output
+                log.warning("could not save %s: %s", getattr(hook, "__qualname__", hook), e)
         self.backend.close()
 
     def __enter__(self) -> "Model":
@@ -155,10 +164,12 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     """Load a model for generation.
 
     ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
-    None for the embedded default model. ``backend="auto"`` runs GGUF with llama.cpp, offload
-    bundles on the offload engine and everything else on the reference engine; ``verify=True``
-    re-hashes every bundle file. ``memory_budget`` (bytes or "300MB") bounds the whole process's
-    memory when running an offload bundle; ``offload`` tunes that engine (OffloadOptions).
+    None for the embedded default model. ``backend="auto"``: a GGUF that fits (the budget, or the
+    memory free now) runs whole on llama.cpp and one that does not runs on the offload engine
+    straight from the file; offload bundles run on the offload engine, everything else on the
+    reference engine. ``verify=True`` re-hashes every bundle file. ``memory_budget`` (bytes or
+    "300MB") bounds the whole process's memory on the offload engine; ``offload`` tunes that
+    engine (OffloadOptions).
 
     A bundle made by ``edge deploy`` runs as its plan.json says (backend settings, cache slots,
     bits, prefetch, threads, budget, context); each argument given here overrides that one setting,
@@ -178,11 +189,11 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     if src.kind == "bundle":
         return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload)
     n_ctx = n_ctx or 2048
-    if budget is not None or backend == "offload":
-        raise EdgeError("the offload engine (and --memory-budget) runs offload bundles; make one with "
-                        "`edge build MODEL --format offload -o DIR`")
     if src.kind == "gguf":
-        return _load_gguf(src.path, src.name, backend, n_ctx, n_threads, eos=())
+        return _load_gguf_file(src, backend, n_ctx, n_threads, budget, offload)
+    if budget is not None or backend == "offload":
+        raise EdgeError("the offload engine (and --memory-budget) runs offload bundles and GGUF files; make a bundle "
+                        "with `edge build MODEL --format offload -o DIR`")
     if backend == "llamacpp":
         gguf = _cached_gguf(src)
         _, eos = hf_special_ids(src.path)
@@ -190,6 +201,76 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     from edge.formats.hf import load_weights
 
     return _reference(load_weights(src.path), src, hf_tokenizer_file(src.path), hf_special_ids(src.path)[1], n_ctx)
+
+
+def _load_gguf_file(src: Source, backend: str, n_ctx: int, n_threads: int | None, budget: int | None,
+                    offload: OffloadOptions | None) -> Model:
+    """A GGUF file: whole on llama.cpp (or the reference engine), or on the offload engine straight
+    from the file when asked to or when it does not fit (said in one note)."""
+    from edge.formats.gguf_read import open_reader, read_spec
+
+    reader = open_reader(src.path)
+    spec = read_spec(src.path, reader)
+    route, budget, notes = _gguf_route(src.path, reader, spec, backend, budget, n_ctx)
+    del reader
+    if route != "offload":
+        return _load_gguf(src.path, src.name, route, n_ctx, n_threads, eos=(), notes=notes)
+    from edge.hardware import default_threads
+    from edge.routing import UsageRecorder, locality_of, recorded
+    from edge.runtime.llamacpp import load_model
+    from edge.runtime.offload.open import open_gguf
+
+    trace = recorded(src.path)
+    if trace is not None:
+        notes += (f"expert cache spread over the layers by the routing recorded on earlier runs ({trace.n_tokens} "
+                  f"tokens)",)
+    engine = open_gguf(src.path, budget=budget, options=(offload or OffloadOptions()).resolved(),
+                       n_ctx=min(n_ctx, spec.context_length), threads=n_threads or default_threads(),
+                       locality=locality_of(trace))
+    try:
+        vocab = load_model(src.path, vocab_only=True)
+    except BaseException:
+        engine.close()
+        raise
+    recorder = UsageRecorder(src.path, spec.n_layers, spec.n_experts)
+    engine.route_observers.append(recorder)
+    model = Model(name=src.name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=src.path,
+                  notes=notes)
+    model._on_close.append(recorder.save)
+    return model
+
+
+def _gguf_route(path: Path, reader, spec: ModelSpec, backend: str, budget: int | None,
+                n_ctx: int) -> tuple[str, int | None, tuple[str, ...]]:
+    """(backend, budget, notes) for a GGUF: llama.cpp when the whole file fits the budget (or the
+    memory free now), the offload engine when it does not or when asked; a budget that cannot hold
+    the trunk is refused before anything is loaded."""
+    from edge.memory import usable_bytes
+    from edge.plan.costs import LLAMA_OVERHEAD_BYTES
+    from edge.units import format_bytes
+
+    size = path.stat().st_size
+    kv16 = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * n_ctx * 2
+    whole = size + kv16 + LLAMA_OVERHEAD_BYTES
+    if backend in ("llamacpp", "reference"):
+        if budget is not None:
+            raise EdgeError(f"--memory-budget runs a GGUF on the offload engine; {backend} holds the whole file "
+                            f"({format_bytes(size)})")
+        return backend, None, ()
+    room = budget if budget is not None else usable_bytes()
+    where = f"the {format_bytes(room)} budget" if budget is not None else f"the {format_bytes(room)} free now"
+    if backend == "auto" and whole <= room:
+        return "llamacpp", None, (f"{path.name} fits whole in {where} ({format_bytes(whole)} with its KV cache): "
+                                  f"llama.cpp runs it, memory-mapped",) if budget is not None else ()
+    trunk = sum(t.n_bytes for t in reader.tensors if "_exps." not in t.name)
+    kv32 = 2 * kv16  # the offload engine keeps K and V in float32
+    if trunk + kv32 > room:
+        raise EdgeError(f"memory budget {format_bytes(room)} is below what must stay resident: {path.name}'s dense "
+                        f"weights {format_bytes(trunk)} and the KV cache for {n_ctx} tokens {format_bytes(kv32)}")
+    why = (f"{path.name} ({format_bytes(size)}) does not fit whole in {where}" if backend == "auto"
+           else "--backend offload")
+    return "offload", room, (f"{why}: the offload engine runs it within {format_bytes(room)}, experts read from the "
+                             f"file into a cache",)
 
 
 def _reference(weights, src: Source, tokenizer_json: Path, eos: tuple[int, ...], n_ctx: int) -> Model:

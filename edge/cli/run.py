@@ -23,7 +23,7 @@ def _load(model, backend, n_ctx, threads, verify, budget=None, options=None):
 
 def run(prompt: str = typer.Argument(..., help="Text to complete."),
         model: Optional[str] = ModelOpt,
-        backend: str = typer.Option("auto", "--backend", help="auto, reference or llamacpp."),
+        backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp or offload (a GGUF or offload bundle streamed from disk)."),
         max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Tokens to generate at most."),
         temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 decodes greedily."),
         top_p: float = typer.Option(0.95, "--top-p"),
@@ -67,7 +67,7 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
 
 
 def chat(model: Optional[str] = ModelOpt,
-         backend: str = typer.Option("auto", "--backend", help="auto, reference or llamacpp."),
+         backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp or offload (a GGUF or offload bundle streamed from disk)."),
          max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
          temperature: float = typer.Option(0.7, "--temperature", "-t"),
          seed: Optional[int] = typer.Option(None, "--seed"),

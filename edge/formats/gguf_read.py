@@ -1,7 +1,15 @@
-"""Read GGUF files: a ModelSpec from the metadata, and float32 weights by dequantizing."""
+"""Read GGUF files: where every tensor's bytes are (without reading them), a ModelSpec from the
+metadata, and float32 weights by dequantizing.
+
+gguf-py parses the header; edge's reader stops before gguf-py builds a view of each tensor's data
+(which, on a file cut short, fails with numpy's words instead of the tensor's name): tensors are
+:class:`TensorInfo` records of where their bytes are, checked against the file's size, and read
+only when a caller asks (``reader.data`` is the file, memory-mapped).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +24,88 @@ _ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}
 _MAGIC = b"GGUF"
 
 
-def open_reader(path: Path):
-    """A gguf.GGUFReader, with non-GGUF and truncated files turned into one-line errors."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: its ggml type, shape in ggml order (ne0 = the contiguous dim),
+    and where its bytes are in the file (``data_offset``, ``n_bytes``)."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+
+    def bytes_of(self, reader) -> np.ndarray:
+        """The tensor's raw bytes (a view of the memory-mapped file)."""
+        return reader.data[self.data_offset : self.data_offset + self.n_bytes]
+
+    @property
+    def data(self):  # not stored: read through bytes_of(reader)
+        raise AttributeError("TensorInfo holds no data; use bytes_of(reader)")
+
+
+def _header_reader():
     import gguf
 
+    class HeaderReader(gguf.GGUFReader):
+        """gguf-py's parser of the header and tensor infos, without its per-tensor data views."""
+
+        def _build_tensors(self, start_offs: int, fields) -> None:
+            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+            seen: set[str] = set()
+            tensors = []
+            for field in fields:
+                _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+                name = str(bytes(name_data), encoding="utf-8")
+                if name in seen:
+                    raise ValueError(f"tensor {name} appears twice")
+                seen.add(name)
+                try:
+                    gtype = GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise ValueError(f"tensor {name} has unknown ggml type id {int(raw_dtype[0])}") from None
+                shape = tuple(int(d) for d in dims.tolist())
+                if any(d < 0 for d in shape):
+                    raise ValueError(f"tensor {name} has a negative dimension {list(shape)}")
+                n = int(np.prod(shape, dtype=object))
+                block, size = GGML_QUANT_SIZES[gtype]
+                if shape and shape[0] % block:
+                    raise ValueError(f"tensor {name}: rows of {shape[0]} are not whole {gtype.name} blocks of {block}")
+                tensors.append(TensorInfo(name, gtype, shape, n, n * size // block, int(start_offs + int(offset_tensor[0]))))
+            self.tensors = tensors
+
+    return HeaderReader
+
+
+def open_reader(path: Path):
+    """The header of a GGUF file (gguf-py's parser) with its tensors as :class:`TensorInfo`;
+    a non-GGUF, damaged or cut-short file is a one-line ModelFormatError naming the problem."""
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != _MAGIC:
         raise ModelFormatError(f"{path.name} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises bare ValueError/IndexError on damaged files
-        raise ModelFormatError(f"{path.name} is a damaged GGUF file ({size:,} bytes): {e}") from None
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise ModelFormatError(f"{path.name} is truncated: tensors need {end:,} bytes, the file has {size:,}")
+        reader = _header_reader()(str(path))
+    except Exception as e:  # gguf-py raises bare ValueError/IndexError/OverflowError on damaged headers
+        raise ModelFormatError(f"{path.name} is a damaged GGUF file ({size:,} bytes): {_why(e)}") from None
+    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise ModelFormatError(
+                f"{path.name} is cut short: tensor {t.name} ({t.tensor_type.name} {list(t.shape)}) needs bytes "
+                f"{t.data_offset:,}..{end:,}, the file ends at {size:,} ({end - size:,} bytes missing)")
     return reader
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, IndexError) or "out of bounds" in text or "cannot reshape" in text:
+        return "its header ends early or holds an impossible count"
+    return text[:200]
 
 
 def _fields(reader) -> dict[str, Any]:
@@ -126,7 +199,7 @@ def load_weights(path: Path) -> ModelWeights:
         t = tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{path.name} lacks tensor {name}")
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+        return np.asarray(dequantize(t.bytes_of(reader), t.tensor_type), dtype=np.float32).reshape(
             tuple(int(x) for x in reversed(t.shape)))
 
     def opt(name: str) -> np.ndarray | None:

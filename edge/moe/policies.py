@@ -93,3 +93,7 @@ class ResidentSet:
             slot = self.slot_of.pop(victim)
         self.slot_of[expert] = slot
         return slot, victim
+
+    def release(self, expert: int) -> None:
+        """Forget ``expert`` (its load failed): its slot is free again."""
+        self.free.append(self.slot_of.pop(expert))

@@ -37,6 +37,22 @@ def slots_for(total_slots: int, n_layers: int, n_experts: int, top_k: int,
     return tuple(allocate_slots(curves, top_k, int(total), target=1.0))
 
 
+def slots_within(room: int, slot_bytes: list[int], n_experts: int, top_k: int,
+                 sch_curves: np.ndarray | None) -> tuple[int, ...]:
+    """The most slots per layer whose bytes fit in ``room`` when layer i's slots take
+    ``slot_bytes[i]`` each (a GGUF's layers may differ in type): spread by SCH as
+    :func:`slots_for`, then trimmed from the fullest layers until they fit. Caller checks that K
+    slots per layer fit."""
+    L = len(slot_bytes)
+    slots = list(slots_for(int(room // (sum(slot_bytes) / L)), L, n_experts, top_k, sch_curves))
+    while sum(c * b for c, b in zip(slots, slot_bytes)) > room:
+        i = max((j for j in range(L) if slots[j] > top_k), key=lambda j: (slots[j], slot_bytes[j]), default=None)
+        if i is None:
+            break
+        slots[i] -= 1
+    return tuple(slots)
+
+
 def bit_table(n_layers: int, n_experts: int, bits: int, min_bits: int, hotness: np.ndarray | None) -> np.ndarray:
     """Bits [L, E] each expert loads at: ``bits`` for all when ``min_bits == bits`` or no hotness is
     known, else HEBF between ``bits`` and ``min_bits``."""

@@ -1,9 +1,13 @@
 """ggml's CPU kernels through ctypes, from the libraries llama-cpp-python ships.
 
 Only what the offload engine needs: weight tensors living in memory we own (so an expert can be
-written straight into kernel format), and small graphs of matmul / silu / mul computed on the
-CPU backend. Tensor shapes follow ggml: ne0 is the contiguous (input) dimension, so a PyTorch
-weight W [out, in] is a ggml tensor with ne0 = in, ne1 = out.
+written, or read from disk, straight into kernel format), and small graphs of matmul / silu / mul
+/ get_rows computed on the CPU backend. Tensor shapes follow ggml: ne0 is the contiguous (input)
+dimension, so a PyTorch weight W [out, in] is a ggml tensor with ne0 = in, ne1 = out.
+
+Weight types: every type in :data:`COMPUTABLE` — the float types and the quantizations published
+GGUFs use — is computed by ggml's own CPU kernels (tests/test_ggml.py checks each against a numpy
+product of its dequantized weights).
 """
 
 from __future__ import annotations
@@ -15,8 +19,31 @@ import numpy as np
 
 from edge._llamacpp import ggml_cpu, lib_dir
 
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # enum ggml_type
-BLOCK_BYTES = {Q4_1: (32, 20), Q4_0: (32, 18), Q8_0: (32, 34), F32: (1, 4), F16: (1, 2)}
+F32, F16, Q4_0, Q4_1, Q8_0, I32 = 0, 1, 2, 3, 8, 26  # enum ggml_type
+# The weight types ggml's CPU backend multiplies and edge accepts in a GGUF: floats, the legacy
+# and K quantizations, IQ4_NL/IQ4_XS and MXFP4 (gpt-oss). The 1-3-bit IQ and ternary types are
+# left out: their quantizers need an importance matrix, so they are not tested here.
+COMPUTABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+              "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4")
+
+
+def type_id(name: str) -> int:
+    from gguf.constants import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name])
+
+
+def type_name(gtype: int) -> str:
+    from gguf.constants import GGMLQuantizationType
+
+    return GGMLQuantizationType(gtype).name
+
+
+def block_bytes(gtype: int) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml type."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
 
 
 class _InitParams(ctypes.Structure):
@@ -43,7 +70,7 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
                 "ggml_mul": ([p, p, p], p), "ggml_new_graph": ([p], p),
                 "ggml_build_forward_expand": ([p, p], None),
                 "ggml_quantize_chunk": ([i32, p, p, i64, i64, i64, p], sz),
-                "ggml_row_size": ([i32, i64], sz),
+                "ggml_row_size": ([i32, i64], sz), "ggml_get_rows": ([p, p, p], p),
             }
             for name, (args, res) in sigs.items():
                 fn = getattr(base, name)
@@ -57,7 +84,7 @@ def _load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 
 def row_bytes(gtype: int, n: int) -> int:
-    blk, nbytes = BLOCK_BYTES[gtype]
+    blk, nbytes = block_bytes(gtype)
     if n % blk:
         raise ValueError(f"row of {n} is not a multiple of the block size {blk}")
     return n // blk * nbytes
@@ -101,13 +128,27 @@ class Weight:
             ptr = base.ggml_get_data(self.tensor)
             self.data = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(self.nbytes,))
         else:
-            if buffer.nbytes < self.nbytes or not buffer.flags.c_contiguous:
-                raise ValueError(f"buffer of {buffer.nbytes} bytes cannot hold {self.nbytes}")
             self._mem = np.empty(overhead, dtype=np.uint8)  # tensor header only
             self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, True))
             self.tensor = base.ggml_new_tensor_2d(self._ctx, gtype, cols, rows)
-            self.data = buffer[: self.nbytes]
-            ctypes.c_void_p.from_address(self.tensor + _data_offset()).value = self.data.ctypes.data
+            self.point_at(buffer)
+
+    def point_at(self, buffer: np.ndarray) -> None:
+        """Make the tensor's data the first ``nbytes`` of ``buffer`` (which the caller keeps alive)."""
+        if buffer.nbytes < self.nbytes or not buffer.flags.c_contiguous:
+            raise ValueError(f"buffer of {buffer.nbytes} bytes cannot hold {self.nbytes}")
+        self.data = buffer[: self.nbytes]
+        ctypes.c_void_p.from_address(self.tensor + _data_offset()).value = self.data.ctypes.data
+
+    @classmethod
+    def from_bytes(cls, gtype: int, rows: int, cols: int, raw) -> "Weight":
+        """A tensor holding a copy of ``raw`` (bytes in ggml's layout for ``gtype``, e.g. from a GGUF)."""
+        out = cls(gtype, rows, cols)
+        src = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1).view(np.uint8)
+        if src.nbytes != out.nbytes:
+            raise ValueError(f"{type_name(gtype)} [{rows}, {cols}] needs {out.nbytes:,} bytes, got {src.nbytes:,}")
+        out.data[:] = src
+        return out
 
     @classmethod
     def quantized(cls, w: np.ndarray, gtype: int = Q8_0) -> "Weight":
@@ -161,6 +202,15 @@ class Graph:
         t = self._base.ggml_mul_mat(self._ctx, w.tensor, x)
         self._shapes[t] = (self._shapes[x][0], w.rows)
         return t
+
+    def get_rows(self, w: Weight, ids: np.ndarray) -> int:
+        """Rows ``ids`` of ``w`` as float32 [len(ids), cols] (ggml dequantizes them)."""
+        idx = np.ascontiguousarray(ids, dtype=np.int32)
+        t = self._base.ggml_new_tensor_1d(self._ctx, I32, len(idx))
+        ctypes.memmove(self._base.ggml_get_data(t), idx.ctypes.data, idx.nbytes)
+        out = self._base.ggml_get_rows(self._ctx, w.tensor, t)
+        self._shapes[out] = (len(idx), w.cols)
+        return out
 
     def swiglu(self, gate: int, up: int) -> int:
         """silu(gate) * up, elementwise."""

@@ -65,7 +65,7 @@ def model_params(opt: LoadOptions, *, vocab_only: bool = False):
     p.vocab_only = vocab_only
     p.load_mode = getattr(llama_cpp, f"LLAMA_LOAD_MODE_{opt.load_mode.upper()}")
     p.lazy_mode = getattr(llama_cpp, f"LLAMA_LAZY_MODE_{opt.lazy_mode.upper()}")
-    p.use_extra_bufts = _extra_bufts(opt)
+    p.use_extra_bufts = False if vocab_only else _extra_bufts(opt)  # a vocabulary has no weights to repack
     return p
 
 

@@ -7,21 +7,15 @@ import logging
 import time
 
 from edge.errors import EdgeError
-from edge.moe.sizing import MARGIN_BYTES, MARGIN_FRACTION, cache_room, headroom_bytes, slots_for
-from edge.quant.store import StoreIndex
-from edge.runtime import ggml
+from edge.moe.sizing import MARGIN_BYTES, MARGIN_FRACTION, cache_room, headroom_bytes, slots_within
 from edge.units import format_bytes
 
 log = logging.getLogger(__name__)
 
 
-def slot_bytes_of(index: StoreIndex) -> int:
-    """Bytes of one cache slot: an expert's matrices as ggml Q4_1 tensors."""
-    return sum(ggml.row_bytes(ggml.Q4_1, c) * r for r, c in index.layout.shapes)
-
-
 def cache_bytes_for(engine, slots) -> int:
-    return sum(slots) * engine.sizing["slot_bytes"]
+    """Bytes of a cache of ``slots`` per layer (layers' slots may differ in size)."""
+    return sum(c * b for c, b in zip(slots, engine.sizing["slot_bytes"]))
 
 
 def set_memory_budget(engine, budget: int, *, reason: str = "set_memory_budget") -> dict:
@@ -30,7 +24,7 @@ def set_memory_budget(engine, budget: int, *, reason: str = "set_memory_budget")
     only when the stack is at its smallest (shrinking) or full (growing). Takes effect from the
     next token (waits for the one in flight). Refuses, changing nothing, when even the smallest
     stack and cache do not fit. Returns the resize record (also kept in the telemetry)."""
-    stack, slot_bytes = engine.stack, engine.sizing["slot_bytes"]
+    stack, slot_bytes = engine.stack, max(engine.sizing["slot_bytes"])
     with engine.eval_lock:
         t0 = time.perf_counter()
         before = {"stack_bytes": stack.loaded_bytes if stack else 0, "cache_bytes": engine.cache_bytes}
@@ -78,7 +72,7 @@ def _budget_holding(engine, nbytes: int) -> int:
 
 
 def smallest_cache(engine) -> int:
-    return engine.spec.n_layers * engine.spec.top_k * engine.sizing["slot_bytes"]
+    return cache_bytes_for(engine, (engine.spec.top_k,) * engine.spec.n_layers)
 
 
 def smallest_stack(engine) -> int:
@@ -108,7 +102,7 @@ def size_cache(engine, budget: int | None) -> None:
                 f"memory budget {format_bytes(budget)} is too small: the model's dense weights and runtime take "
                 f"{format_bytes(held + headroom_bytes(budget))} with headroom, and {spec.n_layers} layers x "
                 f"{spec.top_k} experts need {format_bytes(smallest_cache(engine))} more")
-        slots = slots_for(int(room // z["slot_bytes"]), spec.n_layers, spec.n_experts, spec.top_k, z["sch_curves"])
+        slots = slots_within(room, z["slot_bytes"], spec.n_experts, spec.top_k, z["sch_curves"])
     if tuple(slots) != tuple(engine.config.slots):
         engine.set_cache(slots, engine.config.bits)
     if budget is not None:

@@ -1,8 +1,9 @@
-"""The offload engine: dense weights resident, experts streamed from the expert store into a
-per-layer cache, prefetched one layer ahead, served at the bits HEBF assigns.
+"""The offload engine: the trunk resident, experts read from their source (an offload bundle's
+nested store, or a GGUF file as it is) into a per-layer cache, prefetched one layer ahead, served
+at the bits HEBF assigns (nested stores).
 
-Dense matrices and experts run on ggml's kernels (Q8_0 and Q4_1, edge/runtime/ggml.py;
-docs/kernels.md says why); norms, RoPE, attention scores and routing stay in numpy.
+Matrices run on ggml's kernels (edge/runtime/ggml.py; docs/kernels.md says why); norms, RoPE,
+attention scores and routing stay in numpy.
 Shapes: T tokens, D hidden, H heads, G kv heads, Dh head dim, E experts, K active.
 """
 
@@ -19,15 +20,13 @@ import numpy as np
 
 from edge import _native as native
 from edge.errors import EdgeError
-from edge.formats.weights import ModelWeights
 from edge.hardware import default_threads
-from edge.memory import aligned_buffer
 from edge.moe.policies import Policy, ResidentSet
-from edge.quant.nested import to_q4_1
 from edge.quant.stack import LoadedStack
 from edge.runtime import ggml
+from edge.runtime.offload.experts import ExpertSource, Slot
 from edge.runtime.offload.prefetch import prefetch_guess
-from edge.runtime.offload.store import ExpertStore
+from edge.runtime.offload.trunk import LayerTrunk, Trunk
 from edge.runtime.reference import apply_rope, attend, rms_norm, rope_inv_freq, rope_tables, route
 
 log = logging.getLogger(__name__)
@@ -57,24 +56,14 @@ class Telemetry:
 
 
 class LayerCache:
-    """C expert slots of one layer, each holding an expert's three matrices as Q4_1 tensors; which
-    expert sits where, and which leaves on a miss, is the :class:`ResidentSet` the simulators run."""
+    """C expert slots of one layer (buffers and ggml tensors from the expert source); which expert
+    sits where, and which leaves on a miss, is the :class:`ResidentSet` the simulators run."""
 
-    def __init__(self, capacity: int, shapes, policy: Policy):
+    def __init__(self, capacity: int, source: ExpertSource, layer: int, policy: Policy):
         self.capacity, self.policy = capacity, policy
         self.resident = ResidentSet(capacity, policy)
-        self.slot_bytes = sum(ggml.row_bytes(ggml.Q4_1, c) * r for r, c in shapes)
-        self.buffers: list[np.ndarray] = []
-        self.weights: list[list[ggml.Weight]] = []
-        for _ in range(capacity):
-            buf = np.zeros(self.slot_bytes, dtype=np.uint8)
-            ws, at = [], 0
-            for r, c in shapes:
-                w = ggml.Weight(ggml.Q4_1, r, c, buffer=buf[at:])
-                ws.append(w)
-                at += w.nbytes
-            self.buffers.append(buf)
-            self.weights.append(ws)
+        self.slot_bytes = source.slot_bytes(layer)
+        self.slots: list[Slot] = [source.new_slot(layer) for _ in range(capacity)]
         self.bits_of: dict[int, int] = {}
         self.from_prefetch: set[int] = set()
 
@@ -107,50 +96,28 @@ class OffloadEngine:
 
     name = "offload"
 
-    def __init__(self, dense: ModelWeights, store: ExpertStore, config: OffloadConfig, *, n_ctx: int = 2048,
+    def __init__(self, trunk: Trunk, experts: ExpertSource, config: OffloadConfig, *, n_ctx: int = 2048,
                  stack: LoadedStack | None = None):
-        s = dense.spec
-        self.spec, self.store, self.config = s, store, config
+        s = trunk.spec
+        self.spec, self.trunk, self.experts, self.config = s, trunk, experts, config
         self.threads = config.threads or default_threads()
         self.n_ctx = min(n_ctx, s.context_length)
         self.n_vocab = s.vocab_size
         self.n_past = 0
         self.route_observers: list = []
         self._inv_freq = rope_inv_freq(s.head_dim, s.rope_theta)
-        q8 = ggml.Q8_0
-        self.embed = dense.embed.astype(np.float16)
-        self.norm = dense.norm
-        self.lm_head = ggml.Weight.quantized(dense.lm_head, q8)
-        # Attention matrices: Q8_0 tensors, or (stacked bundles) indices into the BitStack stack,
-        # reconstructed from the loaded blocks on every use, so only the blocks stay in memory.
+        self.layers: list[LayerTrunk] = trunk.layers
+        # Stacked bundles: attention matrices are indices into the BitStack stack, reconstructed
+        # from the loaded blocks on every use, so only the blocks stay in memory.
         self.stack = stack
-        where = {(m[0], m[1]): j for j, m in enumerate(stack.index.matrices)} if stack else {}
         largest = max((m[2] * m[3] for m in stack.index.matrices), default=0) if stack else 0
         self._stack_scratch = np.empty(largest, np.float32)
-
-        def attn(i: int, name: str, w: np.ndarray):
-            return where[(i, name)] if (i, name) in where else ggml.Weight.quantized(w, q8)
-
-        self.layers = []
-        for i, lw in enumerate(dense.layers):
-            self.layers.append({
-                "attn_norm": lw.attn_norm, "ffn_norm": lw.ffn_norm, "router": lw.router.astype(np.float32),
-                "wq": attn(i, "wq", lw.wq), "wk": attn(i, "wk", lw.wk), "wv": attn(i, "wv", lw.wv), "wo": attn(i, "wo", lw.wo),
-                "bq": lw.bq, "bk": lw.bk, "bv": lw.bv, "q_norm": lw.q_norm, "k_norm": lw.k_norm,
-                "shared": None if lw.shared_gate is None else (
-                    ggml.Weight.quantized(lw.shared_gate, q8), ggml.Weight.quantized(lw.shared_up, q8),
-                    ggml.Weight.quantized(lw.shared_down, q8), lw.shared_router.astype(np.float32)),
-            })
         shape = (s.n_layers, s.n_kv_heads, self.n_ctx, s.head_dim)
         self._k = np.empty(shape, dtype=np.float32)
         self._v = np.empty(shape, dtype=np.float32)
         self.telemetry = Telemetry(layers=[LayerStats() for _ in range(s.n_layers)])
-        max_read = store.read_bytes(4)  # the most a Q4_1-served expert reads
-        self._stage = {"main": aligned_buffer(max_read), "io": aligned_buffer(max_read)}
-        n = store.index.layout.n_weights
-        self._scratch = {"main": np.empty(n, np.uint8), "io": np.empty(n, np.uint8)}
-        self._graph_mem = np.empty(16 << 20, dtype=np.uint8)
-        for buf in (self._k, self._v, self._graph_mem, self._stack_scratch, *self._stage.values(), *self._scratch.values()):
+        self._graph_mem = np.empty(_graph_bytes(s), dtype=np.uint8)
+        for buf in (self._k, self._v, self._graph_mem, self._stack_scratch, *experts.staging_buffers()):
             buf.fill(0)  # fault the pages in now, so the memory measured after init is all of it
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
         self._pending: dict[int, Future] = {}
@@ -170,8 +137,8 @@ class OffloadEngine:
             raise ValueError("slots and bits must cover every layer (and expert)")
         self.config = replace(self.config, slots=tuple(int(c) for c in slots), bits=np.asarray(bits))
         self.caches = []  # free the old slots before allocating the new ones
-        shapes = self.store.index.layout.shapes
-        self.caches = [LayerCache(c, shapes, Policy(self.config.policy, self.spec.n_experts)) for c in slots]
+        self.caches = [LayerCache(c, self.experts, i, Policy(self.config.policy, self.spec.n_experts))
+                       for i, c in enumerate(slots)]
 
     # -- memory ---------------------------------------------------------------------------
     @property
@@ -182,15 +149,17 @@ class OffloadEngine:
     def _load(self, layer: int, expert: int, protect: set[int], who: str) -> None:
         cache = self.caches[layer]
         bits = int(self.config.bits[layer, expert])
-        t0 = time.perf_counter()
-        raw = self.store.read(layer, expert, bits, self._stage[who])
-        t1 = time.perf_counter()
         slot = cache.admit(expert, protect)
-        to_q4_1(raw, self.store.index.layout, bits, out=cache.buffers[slot], scratch=self._scratch[who])
+        t0 = time.perf_counter()
+        try:
+            nbytes = self.experts.load(layer, expert, bits, cache.slots[slot], who)
+        except BaseException:
+            cache.resident.release(expert)  # a failed load leaves no expert behind
+            raise
         cache.bits_of[expert] = bits
         with self._lock:
-            self.telemetry.bytes_read += raw.nbytes
-            self.telemetry.io_seconds += t1 - t0
+            self.telemetry.bytes_read += nbytes
+            self.telemetry.io_seconds += time.perf_counter() - t0
 
     def _prefetch(self, layer: int, experts: list[int]) -> None:
         cache = self.caches[layer]
@@ -206,7 +175,7 @@ class OffloadEngine:
         if self._pool is None or layer >= self.spec.n_layers or layer in self._pending or h.shape[0] != 1:
             return  # decode only: a prompt's many tokens need most experts anyway
         lw = self.layers[layer]
-        guess = prefetch_guess(h, lw["ffn_norm"], lw["router"], self.spec.rms_norm_eps, self.spec.top_k)
+        guess = prefetch_guess(h, lw.ffn_norm, lw.router, self.spec.rms_norm_eps, self.spec.top_k)
         if all(e in self.caches[layer].slot_of for e in guess):
             return  # nothing to load: skip the thread hand-off (it costs more than the check)
         self._pending[layer] = self._pool.submit(self._prefetch, layer, guess)
@@ -230,18 +199,12 @@ class OffloadEngine:
         if self.n_past + len(ids) > self.n_ctx:
             raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
         t_start = time.perf_counter()
-        s = self.spec
-        x = self.embed[ids].astype(np.float32)  # [T, D]
-        cos, sin = rope_tables(self._inv_freq, np.arange(self.n_past, self.n_past + len(ids)))
-        self._schedule_prefetch(0, x)
-        for i, lw in enumerate(self.layers):
-            x = x + self._attention(i, lw, rms_norm(x, lw["attn_norm"], s.rms_norm_eps), cos, sin)
-            self._schedule_prefetch(i + 1, x)
-            x = x + self._moe(i, lw, rms_norm(x, lw["ffn_norm"], s.rms_norm_eps))
-        self.n_past += len(ids)
-        h = rms_norm(x if all_logits else x[-1:], self.norm, s.rms_norm_eps)
-        g = ggml.Graph(buffer=self._graph_mem)
-        logits = g.compute([g.matmul(self.lm_head, g.input(h))], self.threads)[0]
+        rows = []
+        for start in range(0, len(ids), BATCH):  # long prompts in batches: bounded scratch memory
+            x = self._forward(ids[start : start + BATCH])
+            if all_logits or start + BATCH >= len(ids):
+                rows.append(self._logits(x if all_logits else x[-1:]))
+        logits = np.concatenate(rows)
         dt = time.perf_counter() - t_start
         tel = self.telemetry
         if tel.first_token_seconds is None:
@@ -251,29 +214,52 @@ class OffloadEngine:
             tel.decode_seconds += dt
         return logits if all_logits else logits[0]
 
-    def _attention(self, i: int, lw: dict, x: np.ndarray, cos, sin) -> np.ndarray:
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        """Tokens ids [T] through every layer at positions n_past.. -> the final residual [T, D]."""
+        s = self.spec
+        g = ggml.Graph(buffer=self._graph_mem)
+        x = g.compute([g.get_rows(self.trunk.embed, ids)], self.threads)[0]  # [T, D]
+        cos, sin = rope_tables(self._inv_freq, np.arange(self.n_past, self.n_past + len(ids)))
+        self._schedule_prefetch(0, x)
+        for i, lw in enumerate(self.layers):
+            x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, s.rms_norm_eps), cos, sin)
+            self._schedule_prefetch(i + 1, x)
+            x = x + self._moe(i, lw, rms_norm(x, lw.ffn_norm, s.rms_norm_eps))
+        self.n_past += len(ids)
+        return x
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """x [T, D] -> logits [T, V], LOGIT_ROWS rows per graph."""
+        h = rms_norm(x, self.trunk.norm, self.spec.rms_norm_eps)
+        out = []
+        for start in range(0, len(h), LOGIT_ROWS):
+            g = ggml.Graph(buffer=self._graph_mem)
+            out.append(g.compute([g.matmul(self.trunk.lm_head, g.input(h[start : start + LOGIT_ROWS]))], self.threads)[0])
+        return np.concatenate(out)
+
+    def _attention(self, i: int, lw: LayerTrunk, x: np.ndarray, cos, sin) -> np.ndarray:
         s = self.spec
         T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
-        if isinstance(lw["wq"], int):  # a stack index: rebuilt from its blocks
-            q, k, v = (self._stacked(lw[name], x) for name in ("wq", "wk", "wv"))
+        if isinstance(lw.wq, int):  # a stack index: rebuilt from its blocks
+            q, k, v = (self._stacked(getattr(lw, name), x) for name in ("wq", "wk", "wv"))
         else:
             g = ggml.Graph(buffer=self._graph_mem)
             xi = g.input(x)
-            q, k, v = g.compute([g.matmul(lw["wq"], xi), g.matmul(lw["wk"], xi), g.matmul(lw["wv"], xi)], self.threads)
-        if lw["bq"] is not None:
-            q, k, v = q + lw["bq"], k + lw["bk"], v + lw["bv"]
+            q, k, v = g.compute([g.matmul(lw.wq, xi), g.matmul(lw.wk, xi), g.matmul(lw.wv, xi)], self.threads)
+        if lw.bq is not None:
+            q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
         q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
-        if lw["q_norm"] is not None:
-            q, k = rms_norm(q, lw["q_norm"], s.rms_norm_eps), rms_norm(k, lw["k_norm"], s.rms_norm_eps)
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start, end = self.n_past, self.n_past + T
         self._k[i, :, start:end] = k.transpose(1, 0, 2)
         self._v[i, :, start:end] = v.transpose(1, 0, 2)
         att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
-        if isinstance(lw["wo"], int):
-            return self._stacked(lw["wo"], att)
+        if isinstance(lw.wo, int):
+            return self._stacked(lw.wo, att)
         g = ggml.Graph(buffer=self._graph_mem)
-        return g.compute([g.matmul(lw["wo"], g.input(att))], self.threads)[0]
+        return g.compute([g.matmul(lw.wo, g.input(att))], self.threads)[0]
 
     def _stacked(self, j: int, x: np.ndarray) -> np.ndarray:
         """x @ W.T for stack matrix ``j``, W rebuilt from its loaded blocks into one scratch buffer."""
@@ -281,9 +267,9 @@ class OffloadEngine:
         w = self.stack.reconstruct(j, self._stack_scratch[: m * n].reshape(m, n))
         return x @ w.T
 
-    def _moe(self, i: int, lw: dict, x: np.ndarray) -> np.ndarray:
+    def _moe(self, i: int, lw: LayerTrunk, x: np.ndarray) -> np.ndarray:
         s = self.spec
-        ids, weights = route(x, lw["router"], s.top_k, s.norm_topk_prob)
+        ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
         for observe in self.route_observers:
             observe(i, ids, weights)
         cache, stats = self.caches[i], self.telemetry.layers[i]
@@ -306,20 +292,20 @@ class OffloadEngine:
                     t0 = time.perf_counter()
                     self._load(i, e, protect, "main")
                     self.telemetry.stall_seconds += time.perf_counter() - t0
-                b = cache.bits_of[e]
+                b = self.experts.served(i, cache.bits_of[e])
                 self.telemetry.bits_served[b] = self.telemetry.bits_served.get(b, 0) + 1
             g = ggml.Graph(buffer=self._graph_mem)
             outputs, rows_of = [], []
             for e in group:
                 rows, slot_k = np.nonzero(ids == e)
-                wg, wu, wd = cache.weights[cache.slot_of[e]]
+                wg, wu, wd = cache.slots[cache.slot_of[e]].weights
                 xe = g.input(x[rows])
                 outputs.append(g.matmul(wd, g.swiglu(g.matmul(wg, xe), g.matmul(wu, xe))))
                 rows_of.append((rows, slot_k))
             for y, (rows, slot_k) in zip(g.compute(outputs, self.threads), rows_of):
                 out[rows] += y * weights[rows, slot_k][:, None]
-        if lw["shared"] is not None:
-            sg, su, sd, sr = lw["shared"]
+        if lw.shared is not None:
+            sg, su, sd, sr = lw.shared
             g = ggml.Graph(buffer=self._graph_mem)
             xi = g.input(x)
             y = g.compute([g.matmul(sd, g.swiglu(g.matmul(sg, xi), g.matmul(su, xi)))], self.threads)[0]
@@ -357,18 +343,38 @@ class OffloadEngine:
             "ssd_mb_per_s": t.bytes_read / t.io_seconds / 1e6 if t.io_seconds else None,
             "stall_seconds": t.stall_seconds,
             "bits_histogram": dict(sorted(t.bits_served.items())),
-            "io_mode": self.store.mode,
+            "io_mode": self.experts.mode,
+            "expert_source": self.experts.kind,
+            "trunk": self.trunk.source,
             "policy": self.config.policy,
             "prefetch": self.config.prefetch,
             "threads": self.threads,
             "expert_bits": sorted({int(b) for b in np.unique(self.config.bits)}),
-            "expert_conversion": "native" if native.nested_to_q4_1 is not None else "numpy",
+            "expert_conversion": ("none: computed in the file's types" if self.experts.kind == "gguf" else
+                                  "native" if native.nested_to_q4_1 is not None else "numpy"),
         }
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.store.close()
+        self.experts.close()
         if self.stack is not None:
             self.stack.close()
+
+
+BATCH = 512  # prompt tokens per forward pass, as llama.cpp's default n_batch
+LOGIT_ROWS = 64  # positions per output-matrix product when every position's logits are wanted
+
+
+def _graph_bytes(spec) -> int:
+    """Scratch for the largest ggml graph the engine builds: a batch's MoE layer (every routed
+    row's input, gate, up, product and output: K x (2D + 4F) floats per token), its attention
+    products, the shared expert, or LOGIT_ROWS rows of logits; plus 8 MiB for ggml's tensor and
+    graph overheads and the quantized copy of the activations its kernels make."""
+    D, F, K = spec.hidden_size, spec.expert_ffn_size, spec.top_k
+    moe = BATCH * K * (2 * D + 4 * F)
+    attn = BATCH * ((spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + D)
+    shared = BATCH * (2 * D + 4 * spec.shared_expert_ffn_size)
+    logits = LOGIT_ROWS * (spec.vocab_size + D)
+    return 4 * max(moe, attn, shared, logits) + (8 << 20)

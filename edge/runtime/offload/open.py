@@ -1,4 +1,6 @@
-"""Opening an offload bundle: dense weights, expert store, and the expert cache the caller asked for.
+"""Opening the offload engine on an offload bundle (dense weights + nested expert store) or on a GGUF
+file as it is (its trunk copied in its own types, its experts read from the file), with the
+expert cache the caller asked for.
 
 The cache is either exactly the slots given (a deployed bundle's plan: the plan is what runs, and
 a plan that does not fit beside what this process holds is refused, not quietly resized) or sized
@@ -20,8 +22,10 @@ from edge.memory import footprint_bytes
 from edge.moe.sizing import bit_table, headroom_bytes
 from edge.quant.stack import LoadedStack, StackIndex, blocks_for_budget
 from edge.quant.store import StoreIndex
-from edge.runtime.offload.budget import cache_bytes_for, needs_text, size_cache, slot_bytes_of, smallest_cache
+from edge.runtime.offload import trunk as trunks
+from edge.runtime.offload.budget import cache_bytes_for, needs_text, size_cache, smallest_cache
 from edge.runtime.offload.engine import OffloadConfig, OffloadEngine
+from edge.runtime.offload.experts import ExpertSource, GGUFExperts, NestedExperts, expert_tensors
 from edge.runtime.offload.options import OffloadOptions
 from edge.runtime.offload.store import ExpertStore
 from edge.units import format_bytes
@@ -37,26 +41,54 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options: Offload
     index = StoreIndex.from_dict(manifest.experts)
     dense_path = bundle / "dense.safetensors"
     dense = edge_weights.load(dense_path, spec, experts=False, stacked=manifest.bitstack is not None)
-    store = ExpertStore(bundle / "experts.bin", index, mode=options.io_mode)
     stack = None
     if manifest.bitstack is not None:
         stack = LoadedStack(bundle / "dense.stack", StackIndex.from_dict(manifest.bitstack))
-    loc = manifest.locality or {}
+    where = {(m[0], m[1]): j for j, m in enumerate(stack.index.matrices)} if stack else {}
+    trunk = trunks.from_weights(dense, where)
+    del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
+    gc.collect()
+    _drop_page_cache(dense_path)
+    experts = NestedExperts(ExpertStore(bundle / "experts.bin", index, mode=options.io_mode))
+    return _start(trunk, experts, manifest.locality or {}, stack, budget=budget, options=options, n_ctx=n_ctx,
+                  threads=threads, name=manifest.name)
+
+
+def open_gguf(path: Path, *, budget: int | None, options: OffloadOptions, n_ctx: int, threads: int,
+              locality: dict | None = None) -> OffloadEngine:
+    """An engine on a MoE GGUF as it is: the trunk's tensors copied in their own types, the experts
+    read from the file into the cache. ``locality``: SCH curves of routing recorded on earlier runs
+    (the cache is spread over the layers by them; uniform without)."""
+    from edge.formats.gguf_read import open_reader, read_spec
+
+    reader = open_reader(path)
+    spec = read_spec(path, reader)
+    experts = GGUFExperts(path, expert_tensors(path, reader, spec), mode=options.io_mode)
+    try:
+        trunk = trunks.from_gguf(path, reader, spec)
+    except BaseException:
+        experts.close()
+        raise
+    del reader
+    return _start(trunk, experts, locality or {}, None, budget=budget, options=options, n_ctx=n_ctx, threads=threads,
+                  name=Path(path).stem)
+
+
+def _start(trunk, experts: ExpertSource, loc: dict, stack, *, budget, options, n_ctx, threads, name) -> OffloadEngine:
+    spec = trunk.spec
     hotness = np.asarray(loc["hotness"]) if "hotness" in loc else None
     bits = bit_table(spec.n_layers, spec.n_experts, options.bits, options.min_bits, hotness)
     if options.slots is not None and len(options.slots) != spec.n_layers:
-        raise EdgeError(f"the cache has {len(options.slots)} layers of slots; {manifest.name} has {spec.n_layers} layers")
+        raise EdgeError(f"the cache has {len(options.slots)} layers of slots; {name} has {spec.n_layers} layers")
     # Build the engine with an empty cache (and no stack blocks) first, measure what the process
     # then holds, and size the stack and the cache from the rest of the budget.
     config = OffloadConfig(slots=(0,) * spec.n_layers, bits=bits, policy=options.policy,
                            prefetch=options.prefetch, threads=threads, io_mode=options.io_mode)
-    engine = OffloadEngine(dense, store, config, n_ctx=n_ctx, stack=stack)
-    del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
+    engine = OffloadEngine(trunk, experts, config, n_ctx=n_ctx, stack=stack)
     gc.collect()
-    _drop_page_cache(dense_path)
     engine.base_bytes = footprint_bytes()
     sch = np.asarray(loc["sch"]) if "sch" in loc else None
-    engine.sizing = {"slot_bytes": slot_bytes_of(index), "sch_curves": sch}
+    engine.sizing = {"slot_bytes": [experts.slot_bytes(i) for i in range(spec.n_layers)], "sch_curves": sch}
     if options.slots is not None:
         _planned_cache(engine, options.slots, bits, budget)
         return engine

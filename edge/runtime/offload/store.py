@@ -45,7 +45,7 @@ class ExpertStore:
                 self._fd = -1
                 if mode == "direct":
                     raise
-                _warn_buffered(self.path, e)
+                warn_buffered(self.path, e)
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDONLY)
             self.mode = "buffered"
@@ -93,7 +93,7 @@ class ExpertStore:
 _warned: set[str] = set()
 
 
-def _warn_buffered(path: Path, why: OSError) -> None:
+def warn_buffered(path: Path, why: OSError) -> None:
     """Say once per file system that O_DIRECT was refused and reads go through the page cache."""
     key = str(path.parent.resolve())
     if key not in _warned:
