@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.formats.bundle import no_progress
 from edge.plan.planner import Plan, plan
 from edge.planned import read_plan, write_plan
 
@@ -20,7 +21,7 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.Argu
 
 
 def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int | None = None, context: int = 2048,
-           backend: str = "auto", force: bool = False, say=lambda msg: None) -> tuple[Plan, Path, dict]:
+           backend: str = "auto", force: bool = False, say=no_progress) -> tuple[Plan, Path, dict]:
     """Plan ``model`` for ``device`` within ``budget_bytes`` (``backend`` "auto" lets the planner
     choose), build the bundle the plan needs at ``out``, write plan.json into it, smoke-run it.
     Returns (plan, bundle folder, smoke-run measurements)."""

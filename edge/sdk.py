@@ -316,7 +316,7 @@ def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | 
 
         engine = open_offload(src.path, manifest, budget=run.budget, options=run.offload, n_ctx=run.n_ctx,
                               threads=run.threads)
-        tok = HFTokenizer(src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
+        tok = _bundle_tokenizer(src.path, manifest)
         return Model(name=manifest.name, spec=manifest.spec, backend=engine, tokenizer=tok, source=src.path,
                      notes=run.notes)
     if run.budget is not None:
@@ -330,6 +330,18 @@ def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | 
 
     weights = edge_weights.load(weights_path, manifest.spec)
     return _reference(weights, src, src.path / manifest.tokenizer.file, manifest.tokenizer.eos_ids, run.n_ctx)
+
+
+def _bundle_tokenizer(bundle: Path, manifest) -> Tokenizer:
+    """A bundle's tokenizer: its tokenizer.json, or the vocabulary inside its GGUF."""
+    if manifest.tokenizer.kind == "gguf":
+        from edge.runtime.llamacpp import load_model
+
+        tok = LlamaCppTokenizer(load_model(bundle / manifest.tokenizer.file, vocab_only=True))
+        if manifest.tokenizer.eos_ids:
+            tok.eos_ids = frozenset(manifest.tokenizer.eos_ids)
+        return tok
+    return HFTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
 
 
 def _cached_gguf(src: Source) -> Path:

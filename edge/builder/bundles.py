@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.formats.bundle import Manifest, Progress, TokenizerInfo, write_bundle
+from edge.formats.bundle import Manifest, Progress, TokenizerInfo, no_progress, write_bundle
 from edge.formats.gguf_write import OUTTYPES
 from edge.formats.safetensors_io import read_header
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
@@ -17,14 +17,18 @@ FORMATS = ("gguf", "edge", "offload")
 
 
 def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", weight_type: str | None = None,
-          force: bool = False, threads: int = 2, progress: Progress | None = None, bitstack: bool = False) -> Manifest:
+          force: bool = False, threads: int = 2, progress: Progress | None = None, bitstack: bool = False,
+          max_bits: int | None = None, calibration: Path | None = None) -> Manifest:
     """Build a bundle at ``out`` from ``model`` (None: the embedded default).
 
     ``format="gguf"`` makes a bundle for the llama.cpp backend (``weight_type`` f32, f16, q8_0,
     q4_0, q4_k_m, ...; default f16); ``format="edge"`` one for the reference engine (f32 or f16);
-    ``format="offload"`` one for the offload engine (nested 2..8-bit expert store + dense weights);
-    with ``bitstack=True`` its attention matrices are stored as a BitStack stack that the engine
-    loads at any size and resizes while it runs (needs torch to build).
+    ``format="offload"`` one for the offload engine, from a checkpoint or a GGUF, streamed one
+    tensor at a time (dense weights at the engine's precision + nested expert store with
+    ``max_bits`` planes, default 8, or 6 from a GGUF, + locality measured by the engine on
+    ``calibration`` text, default the stdlib training split); with ``bitstack=True`` its
+    attention matrices are stored as a BitStack stack that the engine loads at any size and
+    resizes while it runs (needs torch, and the whole checkpoint in memory as float32).
     """
     if format not in FORMATS:
         raise EdgeError(f"unknown bundle format {format!r}; choose gguf, edge or offload")
@@ -36,7 +40,7 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
     if src.kind == "bundle":
         raise EdgeError(f"{src.path} is already a bundle; build from a checkpoint or a GGUF file")
     read_spec(src)  # validates the source before anything is written
-    say = progress or (lambda msg: None)
+    say = progress or no_progress
     if format == "gguf":
         wtype = weight_type or ("keep" if src.kind == "gguf" else "f16")
         if wtype not in (*OUTTYPES, "keep"):
@@ -47,8 +51,13 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
         wtype = "nested"
         if weight_type not in (None, "nested"):
             raise EdgeError("offload bundles always hold nested 2..8-bit experts; omit --type")
-        if src.kind != "hf":
-            raise EdgeError("offload bundles are built from Hugging Face checkpoints (they need tokenizer.json)")
+        if bitstack and src.kind != "hf":
+            raise EdgeError("BitStack stacks are built from Hugging Face checkpoints (they calibrate in float32)")
+        max_bits = max_bits if max_bits is not None else (6 if src.kind == "gguf" else 8)
+        if not 2 <= max_bits <= 8:
+            raise EdgeError(f"--max-bits must be 2..8, got {max_bits}")
+        if calibration is not None and not Path(calibration).is_file():
+            raise EdgeError(f"--calibration {calibration}: no such text file")
     else:
         wtype = weight_type or "f32"
         if wtype not in ("f32", "f16"):
@@ -59,17 +68,51 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
     def populate(tmp: Path) -> dict:
         if format == "gguf":
             return _populate_gguf(src, tmp, wtype, threads, say)
-        if format == "offload":
+        if format == "offload" and bitstack:
             from edge.builder.offload import populate_offload
             from edge.formats.hf import load_weights
 
+            _fits_in_memory(src, say)
             say("reading checkpoint")
             bos, eos = hf_special_ids(src.path)
             return populate_offload(load_weights(src.path), hf_tokenizer_file(src.path), tmp, say, eos, bos,
                                     src.name, str(src.path.resolve()), bitstack=bitstack)
+        if format == "offload":
+            return _populate_streaming(src, tmp, say, max_bits, calibration)
         return _populate_edge(src, tmp, wtype, say)
 
     return write_bundle(Path(out), force=force, populate=populate, progress=say)
+
+
+def _populate_streaming(src: Source, tmp: Path, say: Progress, max_bits: int, calibration: Path | None) -> dict:
+    from edge.builder.sources import GGUFSource, HFSource
+    from edge.builder.streaming import populate
+
+    if src.kind == "gguf":
+        from edge.runtime.llamacpp import load_model
+
+        source = GGUFSource(src.path)
+        vocab = load_model(src.path, vocab_only=True)
+        eos, bos, tok = (int(vocab.token_eos()),), int(vocab.token_bos()), None
+        vocab.close()
+    else:
+        source = HFSource(src.path)
+        bos, eos = hf_special_ids(src.path)
+        tok = hf_tokenizer_file(src.path)
+    return populate(source, tmp, say, name=src.name, origin=str(src.path.resolve()), max_bits=max_bits, eos=eos,
+                    bos=bos, tokenizer_json=tok, calibration=calibration)
+
+
+def _fits_in_memory(src: Source, say: Progress) -> None:
+    """The BitStack path holds the checkpoint as float32: refuse one that cannot fit."""
+    from edge.memory import usable_bytes
+    from edge.units import format_bytes
+
+    spec = read_spec(src)
+    need = 4 * spec.total_params
+    if need > 0.8 * usable_bytes():
+        raise EdgeError(f"--bitstack holds the whole checkpoint as float32 ({format_bytes(need)}); "
+                        f"{format_bytes(usable_bytes())} is free (build without --bitstack: it streams)")
 
 
 def _populate_gguf(src: Source, tmp: Path, wtype: str, threads: int, say: Progress) -> dict:

@@ -51,34 +51,50 @@ def routing_and_guesses(weights: ModelWeights, tokens: list[int]):
 
 
 def measure_locality(weights: ModelWeights, tokens: list[int], window: int = LOCALITY_WINDOW) -> dict:
-    """Route calibration text through the reference engine; keep per-layer SCH curves, hotness, the
-    online policy's hit rates and the offload engine's expert loads per token (prefetch included),
-    in steady use and over short replies."""
-    s = weights.spec
-    trace, g = routing_and_guesses(weights, tokens)
-    E = s.n_experts
-    curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(trace.n_layers)]
+    """Route calibration text through the reference engine and measure the locality cache sizing
+    and the planner use (:func:`locality_from`)."""
+    trace, guesses = routing_and_guesses(weights, tokens)
+    return locality_from(trace, guesses, window)
+
+
+def cache_sizes(n_experts: int, top_k: int, points: int = 24) -> list[int]:
+    """The cache sizes (slots per layer) at which replays are measured: every size for small
+    expert counts, else K..4K densely and a geometric grid up to E (the planner interpolates)."""
+    if n_experts - top_k + 1 <= points:
+        return list(range(top_k, n_experts + 1))
+    dense = list(range(top_k, min(n_experts, 4 * top_k) + 1, max(1, top_k // 2)))
+    geo = np.geomspace(4 * top_k, n_experts, points - len(dense) + 1).round().astype(int).tolist()
+    return sorted(set(dense) | set(geo) | {n_experts})
+
+
+def locality_from(trace, guesses, window: int = LOCALITY_WINDOW) -> dict:
+    """What a bundle records of its calibration routing: per-layer SCH curves and hotness, the
+    online policy's hit rates, and the offload engine's expert loads per token (prefetch included
+    and not) replayed in steady use and over short replies, at the cache sizes of
+    :func:`cache_sizes` (``sizes``)."""
+    E, K, L = trace.n_experts, trace.top_k, trace.n_layers
+    sizes = cache_sizes(E, K)
+    curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(L)]
     # What the engine's default online policy achieves (first uses count as misses): the planner
     # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
-    online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(trace.n_layers)])), 5)
-              for c in range(1, E + 1)]
-    # per layer, for every cache size: the engine sizes caches per layer (allocate_slots), so the
+    online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(L)])), 5) for c in sizes]
+    # per layer, for each cache size: the engine sizes caches per layer (allocate_slots), so the
     # planner sums the layers' loads at the sizes the engine will pick
-    per_layer = [[None] * (s.top_k - 1) + [round(simulate_engine(trace.layer(i), g[i], E, c, "locality"), 4)
-                                           for c in range(s.top_k, E + 1)] for i in range(trace.n_layers)]
-    loads = [round(sum(row[c - 1] for row in per_layer), 4) for c in range(s.top_k, E + 1)]
+    per_layer = [[round(simulate_engine(trace.layer(i), guesses[i], E, c, "locality"), 4) for c in sizes]
+                 for i in range(L)]
+    loads = [round(sum(row[j] for row in per_layer), 4) for j in range(len(sizes))]
     # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
     prompt, reply = REPLY
-    def replies(guesses) -> list[list[float | None]]:  # guesses None: prefetching off
-        return [[None] * (s.top_k - 1)
-                + [round(simulate_replies(trace.layer(i), None if guesses is None else guesses[i], E, c, "locality",
-                                          prompt, reply), 4) for c in range(s.top_k, E + 1)]
-                for i in range(trace.n_layers)]
 
-    return {"reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies(g),
+    def replies(g) -> list[list[float]]:  # g None: prefetching off
+        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, "locality", prompt, reply), 4)
+                 for c in sizes] for i in range(L)]
+
+    return {"sizes": sizes,
+            "reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies(guesses),
                       "layer_demand_loads_per_token": replies(None)},
             "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
-            "loads_per_token": [None] * (s.top_k - 1) + loads, "layer_loads_per_token": per_layer,
+            "loads_per_token": loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}
 
 

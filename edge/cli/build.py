@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edge.cli.output import ModelArg, err, out
+from edge.cli.output import ModelArg, out
 from edge.units import format_bytes
 
 
@@ -56,13 +56,18 @@ def build(model: Optional[str] = ModelArg,
           weight_type: Optional[str] = typer.Option(None, "--type", help="gguf: f32, f16, q8_0, q4_0, q4_k_m, ... (default f16); edge: f32 or f16."),
           force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
           threads: int = typer.Option(2, "--threads", help="Threads for quantization."),
-          bitstack: bool = typer.Option(False, "--bitstack", help="offload: store attention as a resizable BitStack stack.")) -> None:
-    """Build an edge bundle: manifest.json plus checksummed weight files."""
+          bitstack: bool = typer.Option(False, "--bitstack", help="offload: store attention as a resizable BitStack stack."),
+          max_bits: Optional[int] = typer.Option(None, "--max-bits", help="offload: bit planes each expert record stores (2..8; default 8, or 6 from a GGUF)."),
+          calibration: Optional[Path] = typer.Option(None, "--calibration", help="offload: UTF-8 text whose routing measures locality (default: the stdlib training split).")) -> None:
+    """Build an edge bundle: manifest.json plus checksummed weight files. Offload bundles are built
+    from a checkpoint or a GGUF one tensor at a time, in bounded memory (docs/offload.md)."""
     from edge.builder.bundles import build as build_bundle
+    from edge.cli.output import reporting
 
-    with err.status("building bundle") as status:
+    with reporting("building bundle") as report:
         manifest = build_bundle(model, output, format=format, weight_type=weight_type, force=force,
-                                threads=threads, progress=lambda msg: status.update(msg), bitstack=bitstack)
+                                threads=threads, progress=report, bitstack=bitstack, max_bits=max_bits,
+                                calibration=calibration)
     size = sum(f.size_bytes for f in manifest.files)
     out.print(f"built {output}  format={manifest.format} type={manifest.weight_type}  "
               f"{len(manifest.files)} files, {format_bytes(size)}")

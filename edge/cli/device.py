@@ -133,9 +133,11 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
         budget_bytes = None if budget is None else parse_bytes(budget)
     except ValueError as e:
         raise EdgeError(f"--budget: {e}") from None
-    with err.status("deploying") as status:
+    from edge.cli.output import reporting
+
+    with reporting("deploying") as report:
         p, path, smoke = run_deploy(model, output, device=device, budget_bytes=budget_bytes, context=context,
-                                    backend=backend, force=force, say=lambda msg: status.update(msg))
+                                    backend=backend, force=force, say=report)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
     t.add_column(style="bold")

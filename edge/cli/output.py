@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from edge.units import format_bytes
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -34,3 +47,37 @@ def say_notes(notes) -> None:
     """What a deployed bundle's plan set and what the caller overrode: one line each, on stderr."""
     for line in notes:
         err.print(line, markup=False, soft_wrap=True)
+
+
+class _Amount(ProgressColumn):
+    """done/total in bytes (binary units) or as a count, as the task's ``unit`` says."""
+
+    def render(self, task) -> Text:
+        if task.total is None:
+            return Text("")
+        if task.fields.get("unit") == "B":
+            return Text(f"{format_bytes(task.completed)} / {format_bytes(task.total)}")
+        return Text(f"{int(task.completed):,} / {int(task.total):,} {task.fields.get('unit', '')}".rstrip())
+
+
+@contextmanager
+def reporting(title: str):
+    """A Progress callable for long jobs (edge.formats.bundle.Progress): messages become a status
+    line, phases with a total become a bar with the amount done and the time left."""
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Amount(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+    status = bar.add_task(title, total=None)
+
+    def report(msg: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None or total is None:
+            bar.update(status, description=msg)
+            return
+        phase = msg.split(" (")[0]
+        unit = "tokens" if "tokens" in phase else "B"
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, unit=unit)
+        bar.update(tasks[phase], completed=done, total=total, description=msg)
+
+    with bar:
+        yield report

@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,7 +25,14 @@ from edge.spec import ModelSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-Progress = Callable[[str], None]
+class Progress(Protocol):
+    """What a long job reports: a message, and for work measured in bytes or items, how far it is."""
+
+    def __call__(self, msg: str, done: int | None = None, total: int | None = None) -> None: ...
+
+
+def no_progress(msg: str, done: int | None = None, total: int | None = None) -> None:
+    """A Progress that reports nothing."""
 
 
 class FileEntry(BaseModel):

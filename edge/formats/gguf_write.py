@@ -7,17 +7,18 @@ so the quantized file is exactly what llama.cpp users make with ``llama-quantize
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from edge.errors import EdgeError, UnsupportedModelError
+from edge.formats.gguf_stream import GGUF_ARCH, add_model_metadata
 from edge.formats.weights import ModelWeights
 from edge.spec import ModelSpec
 
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+__all__ = ["GGUF_ARCH", "OUTTYPES", "QUANT_TYPES", "permute_qk", "quantize_gguf", "unpermute_qk", "write_gguf"]
+
 # llama.cpp's graph for each arch either renormalises the top-k gate weights or does not.
 _LLAMA_CPP_NORMALIZES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
@@ -34,36 +35,14 @@ QUANT_TYPES = {
 OUTTYPES = ("f32", "f16", *QUANT_TYPES)
 
 
-def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Rotate-half (Hugging Face) row order -> llama.cpp's interleaved RoPE pairs ("llama" arch)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of _permute_qk: llama.cpp interleaved pairs -> rotate-half row order."""
+    """Inverse of permute_qk: llama.cpp interleaved pairs -> rotate-half row order."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _tokenizer_fields(tokenizer_json: Path) -> dict:
-    data = json.loads(tokenizer_json.read_text())
-    model, pre = data.get("model", {}), data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UnsupportedModelError(
-            f"{tokenizer_json.name}: only byte-level BPE tokenizers with the GPT-2 pre-tokenizer can be "
-            f"written to GGUF yet (found model {model.get('type')}, pre-tokenizer {pre.get('type')})")
-    vocab = dict(model["vocab"])
-    special = set()
-    for tok in data.get("added_tokens", []):
-        vocab[tok["content"]] = tok["id"]
-        if tok.get("special"):
-            special.add(tok["id"])
-    n = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    for text, i in vocab.items():
-        tokens[i] = text
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    types = [3 if i in special else 1 for i in range(n)]  # 3 = CONTROL, 1 = NORMAL (gguf TokenType)
-    return {"tokens": tokens, "types": types, "merges": merges}
 
 
 def write_gguf(weights: ModelWeights, tokenizer_json: Path, out: Path, *, outtype: str = "f32",
@@ -110,38 +89,8 @@ def _write_float(weights: ModelWeights, tokenizer_json: Path, out: Path, outtype
     arch = GGUF_ARCH[s.arch]
     fdt = np.float16 if outtype == "f16" else np.float32
     w = gguf.GGUFWriter(str(out), arch)
-    w.add_name(name)
-    w.add_context_length(s.context_length)
-    w.add_embedding_length(s.hidden_size)
-    w.add_block_count(s.n_layers)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv_heads)
-    w.add_rope_freq_base(s.rope_theta)
-    w.add_layer_norm_rms_eps(s.rms_norm_eps)
-    w.add_expert_count(s.n_experts)
-    w.add_expert_used_count(s.top_k)
-    w.add_vocab_size(s.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    if s.arch == "mixtral":
-        w.add_feed_forward_length(s.expert_ffn_size)
-        w.add_rope_dimension_count(s.head_dim)
-    else:
-        w.add_expert_feed_forward_length(s.expert_ffn_size)
-        w.add_key_length(s.head_dim)
-        w.add_value_length(s.head_dim)
-        if s.shared_expert_ffn_size:
-            w.add_expert_shared_feed_forward_length(s.shared_expert_ffn_size)
-    tok = _tokenizer_fields(tokenizer_json)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    if bos_id is not None:
-        w.add_bos_token_id(bos_id)
-    if eos_id is not None:
-        w.add_eos_token_id(eos_id)
-    w.add_add_bos_token(False)
+    add_model_metadata(w, s, tokenizer_json, name=name, bos_id=bos_id, eos_id=eos_id,
+                       file_type=gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
     def put(tname: str, arr: np.ndarray, keep_f32: bool = False) -> None:
         arr = np.ascontiguousarray(arr, dtype=np.float32 if keep_f32 or arr.ndim == 1 else fdt)
@@ -155,7 +104,7 @@ def _write_float(weights: ModelWeights, tokenizer_json: Path, out: Path, outtype
         b = f"blk.{i}"
         wq, wk = lw.wq, lw.wk
         if arch == "llama":
-            wq, wk = _permute_qk(wq, s.n_heads), _permute_qk(wk, s.n_kv_heads)
+            wq, wk = permute_qk(wq, s.n_heads), permute_qk(wk, s.n_kv_heads)
         put(f"{b}.attn_norm.weight", lw.attn_norm)
         put(f"{b}.attn_q.weight", wq)
         put(f"{b}.attn_k.weight", wk)

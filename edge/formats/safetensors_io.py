@@ -83,3 +83,13 @@ def load(info: TensorInfo, dtype=np.float32, *, copy: bool = True) -> np.ndarray
         out = (raw.astype(np.uint32) << 16).view(np.float32)
         return out if dtype == np.float32 else out.astype(dtype)
     return np.array(raw, dtype=dtype)
+
+
+def load_rows(info: TensorInfo, first: int, count: int, dtype=np.float32) -> np.ndarray:
+    """Rows ``first .. first + count`` of a tensor's leading axis, converted to ``dtype``: one
+    expert of a fused [E, ...] tensor without mapping the rest."""
+    if not 0 <= first <= first + count <= info.shape[0]:
+        raise ModelFormatError(f"{info.file.name}: rows {first}..{first + count} outside a tensor of {info.shape[0]}")
+    row = info.nbytes // info.shape[0]
+    part = TensorInfo(info.file, info.dtype, (count, *info.shape[1:]), info.start + first * row, count * row)
+    return load(part, dtype)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from edge.errors import EdgeError
 from edge.hardware import HardwareProfile
 from edge.moe.sizing import MARGIN_BYTES, cache_room, headroom_bytes, slots_for
@@ -151,7 +153,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     prefetch, prefetch_why = 1, "prefetch: the next layer's guessed experts load while this layer computes"
     demand = (locality.get("reply") or {}).get("layer_demand_loads_per_token")
     if demand:
-        without = _at_slots(demand, slots)
+        without = _at_slots(demand, slots, locality.get("sizes"))
         if without <= loads:  # the model credits no overlap: the loads cost the same on either thread
             prefetch, prefetch_why = 0, (
                 f"prefetch off: {without:.1f} loads per token without it vs {loads:.1f} with it (its wrong guesses "
@@ -188,33 +190,42 @@ def slots_text(slots: tuple[int, ...] | None) -> str:
     return str(slots[0]) if min(slots) == max(slots) else f"{min(slots)}-{max(slots)}"
 
 
-def _at_slots(per_layer: list[list[float | None]], slots: tuple[int, ...]) -> float:
-    """Loads per token summed over the layers, each layer's figure read at its own cache size
-    (``per_layer[i][c - 1]``: layer i with c slots)."""
-    return sum(row[c - 1] for row, c in zip(per_layer, slots))
+def _at(row: list[float | None], c: int, sizes: list[int] | None) -> float:
+    """One layer's figure at ``c`` slots: ``row[c - 1]`` (older bundles: one entry per size 1..E), or
+    interpolated linearly between the measured ``sizes``."""
+    if sizes is None:
+        return row[c - 1]
+    return float(np.interp(c, sizes, row))
+
+
+def _at_slots(per_layer: list[list[float | None]], slots: tuple[int, ...], sizes: list[int] | None = None) -> float:
+    """Loads per token summed over the layers, each layer's figure read at its own cache size."""
+    return sum(_at(row, c, sizes) for row, c in zip(per_layer, slots))
 
 
 def _loads_per_token(locality: dict, slots: tuple[int, ...], L: int, E: int, K: int) -> tuple[float, str]:
+    sizes = locality.get("sizes")
     reply = locality.get("reply")
     if reply:  # what edge bench measures: a short reply from a freshly loaded engine
-        loads = _at_slots(reply["layer_loads_per_token"], slots)
+        loads = _at_slots(reply["layer_loads_per_token"], slots, sizes)
         steady = locality.get("layer_loads_per_token")
-        steady_text = (f"; {_at_slots(steady, slots):.1f} per token in steady use"
+        steady_text = (f"; {_at_slots(steady, slots, sizes):.1f} per token in steady use"
                        if steady else "")
         return loads, (f"the engine's cache policy and prefetcher replayed on the model's calibration trace, per "
                        f"layer, over {reply['reply_tokens']}-token replies after {reply['prompt_tokens']}-token "
                        f"prompts from an empty cache{steady_text}")
     per_layer = locality.get("layer_loads_per_token")
     if per_layer:
-        return (_at_slots(per_layer, slots),
+        return (_at_slots(per_layer, slots, sizes),
                 "the engine's cache policy and prefetcher replayed on the model's calibration trace, per layer")
     c = sum(slots) // L  # older bundles: one figure per uniform cache size
     replayed = locality.get("loads_per_token")
-    if replayed and replayed[c - 1] is not None:
-        return replayed[c - 1], f"the engine replayed on the model's calibration trace at {c} slots per layer"
+    if replayed and (sizes or replayed[c - 1] is not None):
+        return _at(replayed, c, sizes), f"the engine replayed on the model's calibration trace at {c} slots per layer"
     hits = locality.get("policy_hit")
     if hits:
-        return L * K * (1 - hits[c - 1]), f"hit rate {hits[c - 1]:.2f} of the cache policy on the model's trace"
+        hit = _at(hits, c, sizes)
+        return L * K * (1 - hit), f"hit rate {hit:.2f} of the cache policy on the model's trace"
     return L * K * (1 - c / E), f"hit rate {c / E:.2f}: uniform routing assumed, no trace"
 
 

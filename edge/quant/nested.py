@@ -40,15 +40,22 @@ def is_routed_expert(name: str) -> bool:
 
 @dataclass(frozen=True)
 class NestedLayout:
-    """Byte layout of one expert record for matrices of the given shapes (each [rows, cols])."""
+    """Byte layout of one expert record for matrices of the given shapes (each [rows, cols]).
+
+    ``max_bits``: the bit planes a record stores (8: every plane of the 8-bit codes). A record
+    built from a source that holds fewer bits (a Q4_K GGUF) can stop earlier: planes below the
+    source's own precision hold rounding noise of its dequantization, not information."""
 
     shapes: tuple[tuple[int, int], ...]
     group: int = GROUP
+    max_bits: int = MAX_BITS
 
     def __post_init__(self) -> None:
         for r, c in self.shapes:
             if c % self.group:
                 raise ValueError(f"input size {c} is not a multiple of the group size {self.group}")
+        if not MIN_BITS <= self.max_bits <= MAX_BITS:
+            raise ValueError(f"records store {MIN_BITS}..{MAX_BITS} bits, not {self.max_bits}")
 
     @property
     def n_weights(self) -> int:
@@ -68,13 +75,13 @@ class NestedLayout:
 
     def prefix_bytes(self, bits: int) -> int:
         """Bytes to read for a ``bits``-bit expert."""
-        if not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+        if not MIN_BITS <= bits <= self.max_bits:
+            raise ValueError(f"bits must be in {MIN_BITS}..{self.max_bits}, got {bits}")
         return self.header_bytes + bits * self.plane_bytes
 
     @property
     def record_bytes(self) -> int:
-        return self.prefix_bytes(MAX_BITS)
+        return self.prefix_bytes(self.max_bits)
 
 
 def quantize_codes(w: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,9 +120,10 @@ _TOP_LUT = [_top_lut(s) for s in range(3)]
 _PLANE_LUT = [_plane_lut(s) for s in range(3)]
 
 
-def encode(mats: list[np.ndarray], group: int = GROUP) -> bytes:
-    """One expert's matrices -> its nested record (header, top two bits, then one plane per bit)."""
-    layout = NestedLayout(tuple(m.shape for m in mats), group)
+def encode(mats: list[np.ndarray], group: int = GROUP, max_bits: int = MAX_BITS) -> bytes:
+    """One expert's matrices -> its nested record (header, top two bits, then one plane per bit,
+    down to ``max_bits``)."""
+    layout = NestedLayout(tuple(m.shape for m in mats), group, max_bits)
     codes, headers = [], []
     for m in mats:
         q, s, z = quantize_codes(m, group)
@@ -125,7 +133,7 @@ def encode(mats: list[np.ndarray], group: int = GROUP) -> bytes:
     top = q >> 6
     out = bytearray(np.concatenate(headers).astype("<f2").tobytes())
     out += (top[0::4] << 6 | top[1::4] << 4 | top[2::4] << 2 | top[3::4]).astype(np.uint8).tobytes()
-    for p in range(MAX_BITS - 3, -1, -1):
+    for p in range(MAX_BITS - 3, MAX_BITS - 1 - max_bits, -1):
         out += np.packbits((q >> p) & 1).tobytes()
     assert len(out) == layout.record_bytes
     return bytes(out)

@@ -32,7 +32,7 @@ def read_bytes(layout: NestedLayout, bits: int) -> int:
 
 def section_ends(layout: NestedLayout) -> list[int]:
     """Byte offsets (within a record) where each checksummed section ends: 2-bit prefix, then planes."""
-    return [layout.prefix_bytes(b) for b in range(MIN_BITS, MAX_BITS + 1)]
+    return [layout.prefix_bytes(b) for b in range(MIN_BITS, layout.max_bits + 1)]
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,12 @@ class StoreIndex:
 
     def to_dict(self) -> dict:
         return {"shapes": [list(s) for s in self.layout.shapes], "group": self.layout.group,
-                "n_layers": self.n_layers, "n_experts": self.n_experts, "stride": self.stride,
+                "max_bits": self.layout.max_bits, "n_layers": self.n_layers, "n_experts": self.n_experts, "stride": self.stride,
                 "crc32": [list(c) for c in self.crcs]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreIndex":
-        layout = NestedLayout(tuple(tuple(s) for s in d["shapes"]), d["group"])
+        layout = NestedLayout(tuple(tuple(s) for s in d["shapes"]), d["group"], int(d.get("max_bits", MAX_BITS)))
         return cls(layout, d["n_layers"], d["n_experts"], d["stride"], tuple(tuple(c) for c in d["crc32"]))
 
 

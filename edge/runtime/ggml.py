@@ -125,8 +125,8 @@ class Weight:
             self._mem = np.empty(self.nbytes + overhead, dtype=np.uint8)
             self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, False))
             self.tensor = base.ggml_new_tensor_2d(self._ctx, gtype, cols, rows)
-            ptr = base.ggml_get_data(self.tensor)
-            self.data = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(self.nbytes,))
+            at = base.ggml_get_data(self.tensor) - self._mem.ctypes.data
+            self.data = self._mem[at : at + self.nbytes]  # a view: it keeps the memory alive
         else:
             self._mem = np.empty(overhead, dtype=np.uint8)  # tensor header only
             self._ctx = base.ggml_init(_InitParams(self._mem.nbytes, self._mem.ctypes.data, True))

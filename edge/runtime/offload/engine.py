@@ -105,6 +105,9 @@ class OffloadEngine:
         self.n_vocab = s.vocab_size
         self.n_past = 0
         self.route_observers: list = []
+        # (layer, residual [T, D]) where the prefetcher guesses that layer's experts: calibration
+        # replays the prefetcher's guesses from these (edge/builder/calibrate.py)
+        self.stream_observers: list = []
         self._inv_freq = rope_inv_freq(s.head_dim, s.rope_theta)
         self.layers: list[LayerTrunk] = trunk.layers
         # Stacked bundles: attention matrices are indices into the BitStack stack, reconstructed
@@ -220,13 +223,18 @@ class OffloadEngine:
         g = ggml.Graph(buffer=self._graph_mem)
         x = g.compute([g.get_rows(self.trunk.embed, ids)], self.threads)[0]  # [T, D]
         cos, sin = rope_tables(self._inv_freq, np.arange(self.n_past, self.n_past + len(ids)))
-        self._schedule_prefetch(0, x)
+        self._guess_point(0, x)
         for i, lw in enumerate(self.layers):
             x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, s.rms_norm_eps), cos, sin)
-            self._schedule_prefetch(i + 1, x)
+            self._guess_point(i + 1, x)
             x = x + self._moe(i, lw, rms_norm(x, lw.ffn_norm, s.rms_norm_eps))
         self.n_past += len(ids)
         return x
+
+    def _guess_point(self, layer: int, x: np.ndarray) -> None:
+        for observe in self.stream_observers:
+            observe(layer, x)
+        self._schedule_prefetch(layer, x)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """x [T, D] -> logits [T, V], LOGIT_ROWS rows per graph."""

@@ -39,16 +39,21 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options: Offload
     (every field set); ``options.slots`` None sizes the cache from ``budget``."""
     spec = manifest.spec
     index = StoreIndex.from_dict(manifest.experts)
-    dense_path = bundle / "dense.safetensors"
-    dense = edge_weights.load(dense_path, spec, experts=False, stacked=manifest.bitstack is not None)
     stack = None
-    if manifest.bitstack is not None:
-        stack = LoadedStack(bundle / "dense.stack", StackIndex.from_dict(manifest.bitstack))
-    where = {(m[0], m[1]): j for j, m in enumerate(stack.index.matrices)} if stack else {}
-    trunk = trunks.from_weights(dense, where)
-    del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
-    gc.collect()
-    _drop_page_cache(dense_path)
+    if (bundle / "dense.gguf").is_file():  # streamed bundles: the trunk at the engine's precision already
+        from edge.formats.gguf_read import open_reader
+
+        trunk = trunks.from_gguf(bundle / "dense.gguf", open_reader(bundle / "dense.gguf"), spec)
+    else:  # bundles of float dense weights (BitStack bundles, and bundles of earlier versions)
+        dense_path = bundle / "dense.safetensors"
+        dense = edge_weights.load(dense_path, spec, experts=False, stacked=manifest.bitstack is not None)
+        if manifest.bitstack is not None:
+            stack = LoadedStack(bundle / "dense.stack", StackIndex.from_dict(manifest.bitstack))
+        where = {(m[0], m[1]): j for j, m in enumerate(stack.index.matrices)} if stack else {}
+        trunk = trunks.from_weights(dense, where)
+        del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
+        gc.collect()
+        _drop_page_cache(dense_path)
     experts = NestedExperts(ExpertStore(bundle / "experts.bin", index, mode=options.io_mode))
     return _start(trunk, experts, manifest.locality or {}, stack, budget=budget, options=options, n_ctx=n_ctx,
                   threads=threads, name=manifest.name)

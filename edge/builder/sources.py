@@ -1,0 +1,206 @@
+"""A model's tensors one at a time, for builders that must stay within bounded memory whatever the
+model's size: the trunk's tensors under GGUF names with the type they are stored at in an offload
+bundle, and each routed expert's three matrices as float32.
+
+* :class:`HFSource` — a Hugging Face checkpoint (single or sharded safetensors, F32/F16/BF16):
+  matrices become Q8_0 (what the offload engine runs them at), vectors and routers stay F32.
+* :class:`GGUFSource` — a GGUF: trunk tensors keep their bytes and types (nothing re-quantized),
+  experts are dequantized expert by expert with the ``gguf`` package.
+
+Memory: one tensor (the largest is usually the embedding) or one expert at a time.
+Shapes in numpy order: D hidden, F expert FFN, E experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ModelFormatError
+from edge.formats import hf
+from edge.formats import safetensors_io as st
+from edge.formats.gguf_stream import GGUF_ARCH, TensorPlan
+from edge.formats.gguf_write import permute_qk
+from edge.runtime import ggml
+from edge.spec import ModelSpec
+
+Q8_0, F32 = ggml.Q8_0, ggml.F32
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """What an offload bundle's dense.gguf receives from a source."""
+
+    tensors: list[TensorPlan]
+    copy_metadata: object | None  # a GGUF reader whose metadata (tokenizer included) is copied
+
+
+def _q8_or_f32(name: str, shape: tuple[int, ...]) -> int:
+    """The bundle's type for a trunk tensor from float weights: vectors and routers exact, matrices
+    Q8_0 (whose rows must be whole 32-weight blocks: else F32)."""
+    if len(shape) == 1 or "ffn_gate_inp" in name or shape[-1] % 32:
+        return F32
+    return Q8_0
+
+
+def _bytes(a: np.ndarray, gtype: int) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if gtype == F32:
+        return a
+    return ggml.Weight.quantized(a.reshape(-1, a.shape[-1]), gtype).data
+
+
+class HFSource:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = hf.read_config(self.path)
+        self.infos = hf.tensor_index(self.path)
+        self.spec: ModelSpec = hf.spec_from_config(self.config, self.infos)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def largest_tensor_bytes(self) -> int:
+        """The largest tensor as float32 (what reading it one at a time holds at once)."""
+        return max(int(np.prod(i.shape, dtype=np.int64)) * 4 for i in self.infos.values())
+
+    def _get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        info = self.infos.get(name)
+        if info is None:
+            raise ModelFormatError(f"{self.path}: checkpoint lacks tensor {name}")
+        if tuple(info.shape) != tuple(shape):
+            raise ModelFormatError(f"{self.path}: tensor {name} has shape {list(info.shape)}, config implies {list(shape)}")
+        return st.load(info)
+
+    def _moe_prefix(self, i: int) -> str:
+        moe = f"model.layers.{i}.block_sparse_moe"
+        return moe if self.spec.arch == "mixtral" and f"{moe}.gate.weight" in self.infos else f"model.layers.{i}.mlp"
+
+    def trunk(self) -> Trunk:
+        s = self.spec
+        D, V, Dh = s.hidden_size, s.vocab_size, s.head_dim
+        q, kv, S = s.n_heads * Dh, s.n_kv_heads * Dh, s.shared_expert_ffn_size
+        plans: list[TensorPlan] = []
+
+        def put(gname: str, hname: str, shape: tuple[int, ...], fix=None) -> None:
+            gtype = _q8_or_f32(gname, shape)
+
+            def produce() -> np.ndarray:
+                a = self._get(hname, shape)
+                return _bytes(a if fix is None else fix(a), gtype)
+
+            plans.append(TensorPlan(gname, shape, gtype, produce))
+
+        put("token_embd.weight", "model.embed_tokens.weight", (V, D))
+        put("output_norm.weight", "model.norm.weight", (D,))
+        if not s.tied_embeddings and "lm_head.weight" in self.infos:
+            put("output.weight", "lm_head.weight", (V, D))
+        interleave = s.arch == "mixtral"  # llama.cpp's "llama" arch interleaves RoPE pairs in Q and K
+        for i in range(s.n_layers):
+            a, b, m = f"model.layers.{i}.self_attn", f"blk.{i}", self._moe_prefix(i)
+            put(f"{b}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", (D,))
+            put(f"{b}.attn_q.weight", f"{a}.q_proj.weight", (q, D), (lambda w: permute_qk(w, s.n_heads)) if interleave else None)
+            put(f"{b}.attn_k.weight", f"{a}.k_proj.weight", (kv, D), (lambda w: permute_qk(w, s.n_kv_heads)) if interleave else None)
+            put(f"{b}.attn_v.weight", f"{a}.v_proj.weight", (kv, D))
+            put(f"{b}.attn_output.weight", f"{a}.o_proj.weight", (D, q))
+            if s.attn_bias:
+                for x, n in (("q", q), ("k", kv), ("v", kv)):
+                    put(f"{b}.attn_{x}.bias", f"{a}.{x}_proj.bias", (n,))
+            if s.qk_norm:
+                put(f"{b}.attn_q_norm.weight", f"{a}.q_norm.weight", (Dh,))
+                put(f"{b}.attn_k_norm.weight", f"{a}.k_norm.weight", (Dh,))
+            put(f"{b}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", (D,))
+            put(f"{b}.ffn_gate_inp.weight", f"{m}.gate.weight", (s.n_experts, D))
+            if S:
+                put(f"{b}.ffn_gate_shexp.weight", f"{m}.shared_expert.gate_proj.weight", (S, D))
+                put(f"{b}.ffn_up_shexp.weight", f"{m}.shared_expert.up_proj.weight", (S, D))
+                put(f"{b}.ffn_down_shexp.weight", f"{m}.shared_expert.down_proj.weight", (D, S))
+                put(f"{b}.ffn_gate_inp_shexp.weight", f"{m}.shared_expert_gate.weight", (D,), lambda w: w.reshape(-1))
+        return Trunk(plans, None)
+
+    def _expert_loader(self, i: int):
+        s = self.spec
+        E, F, D = s.n_experts, s.expert_ffn_size, s.hidden_size
+        m = self._moe_prefix(i)
+        fused = f"{m}.experts.gate_up_proj"
+        if fused in self.infos:  # transformers 5: [E, 2F, D] and [E, D, F], one expert sliced at a time
+            gu, dn = self.infos[fused], self.infos[f"{m}.experts.down_proj"]
+            for info, shape in ((gu, (E, 2 * F, D)), (dn, (E, D, F))):
+                if tuple(info.shape) != shape:
+                    raise ModelFormatError(f"{self.path}: tensor {info} has shape {list(info.shape)}, config implies {list(shape)}")
+
+            def fused_expert(e: int) -> list[np.ndarray]:
+                g_u = st.load_rows(gu, e, 1)[0]
+                return [g_u[:F], g_u[F:], st.load_rows(dn, e, 1)[0]]
+
+            return fused_expert
+        names = ("w1", "w3", "w2") if s.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        shapes = ((F, D), (F, D), (D, F))
+        return lambda e: [self._get(f"{m}.experts.{e}.{n}.weight", sh) for n, sh in zip(names, shapes)]
+
+    def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """(layer, expert, [gate F x D, up F x D, down D x F]) float32, in store order."""
+        for i in range(self.spec.n_layers):
+            load = self._expert_loader(i)
+            for e in range(self.spec.n_experts):
+                yield i, e, load(e)
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        from edge.formats.gguf_read import open_reader, read_spec
+
+        self.path = Path(path)
+        self.reader = open_reader(self.path)
+        self.spec: ModelSpec = read_spec(self.path, self.reader)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.reader.tensors)
+
+    def largest_tensor_bytes(self) -> int:
+        """The largest trunk tensor as stored, or one expert's matrices as float32, whichever is more."""
+        trunk = max(t.n_bytes for t in self.reader.tensors if "_exps." not in t.name)
+        return max(trunk, 3 * self.spec.hidden_size * self.spec.expert_ffn_size * 4)
+
+    def trunk(self) -> Trunk:
+        plans = []
+        for t in self.reader.tensors:
+            if "_exps." in t.name:
+                continue
+            if t.tensor_type.name not in ggml.COMPUTABLE:
+                from edge.errors import UnsupportedModelError
+
+                raise UnsupportedModelError(f"{self.path.name}: tensor {t.name} is {t.tensor_type.name}, which edge does "
+                                            f"not compute (supported: {', '.join(ggml.COMPUTABLE)})")
+            plans.append(TensorPlan(t.name, tuple(reversed(t.shape)), int(t.tensor_type),
+                                    lambda t=t: np.array(t.bytes_of(self.reader))))
+        return Trunk(plans, self.reader)
+
+    def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        from gguf.quants import dequantize
+
+        from edge.runtime.offload.experts import expert_tensors
+
+        layers = expert_tensors(self.path, self.reader, self.spec)
+        for i, trio in enumerate(layers):
+            for e in range(self.spec.n_experts):
+                mats = []
+                for t in trio:
+                    start = t.offset + e * t.expert_bytes
+                    raw = self.reader.data[start : start + t.expert_bytes]
+                    mats.append(np.asarray(dequantize(raw, t.gtype), np.float32).reshape(t.rows, t.cols))
+                yield i, e, mats
+
+
+def open_source(path: Path, kind: str):
+    return GGUFSource(path) if kind == "gguf" else HFSource(path)
+
+
+def gguf_arch(spec: ModelSpec) -> str:
+    return GGUF_ARCH[spec.arch]
