@@ -18,8 +18,8 @@ def test_policies_differ_where_they_should():
     # A hot expert 0 between one-off cold ones: frequency-based policies keep it, LRU keeps it too
     # only while it was the last use; all stay at or below the oracle.
     ids = np.array([[0], [1], [0], [2], [0], [3], [0], [4], [0], [5]] * 5)
-    rates = {p: simulate(ids, 6, 2, p) for p in ("lru", "lfu", "locality", "belady")}
-    assert rates["lfu"] >= rates["lru"] and rates["locality"] >= rates["lru"]
+    rates = {p: simulate(ids, 6, 2, p) for p in ("lru", "lfu", "locality", "lrfu", "belady")}
+    assert rates["lfu"] >= rates["lru"] and rates["locality"] >= rates["lru"] and rates["lrfu"] >= rates["lru"]
     assert all(r <= rates["belady"] + 1e-12 for r in rates.values())
 
 
@@ -30,7 +30,7 @@ def test_belady_is_a_ceiling_on_random_traces():
         ids = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(200)])
         for c in (2, 3, 5):
             best = simulate(ids, 8, c, "belady")
-            assert all(simulate(ids, 8, c, pol) <= best + 1e-12 for pol in ("lru", "lfu", "locality"))
+            assert all(simulate(ids, 8, c, pol) <= best + 1e-12 for pol in ("lru", "lfu", "locality", "lrfu"))
 
 
 def test_slots_go_where_the_sch_curve_gains_most():
@@ -102,3 +102,22 @@ def test_reply_replay_counts_the_warm_up_after_each_prompt():
     # a prompt needing more experts than fit is loaded in groups, as the engine prefills
     prompt_only = np.array([[0, 1], [2, 3], [4, 5]] + [[4, 5]] * 4)
     assert simulate_replies(prompt_only, prompt_only, 8, 2, "locality", 3, 4) == 0  # {4, 5} stay
+
+
+def test_lrfu_weighs_recent_uses_more_than_old_ones():
+    from edge.moe.policies import Policy
+
+    p = Policy("lrfu", 4, half_life=2.0)
+    for _ in range(6):
+        p.on_token((0,))  # expert 0: popular long ago
+    for _ in range(8):
+        p.on_token((3,))
+    p.on_token((1,))
+    p.on_token((1,))  # expert 1: twice, just now
+    assert p.crf(1) > p.crf(0)  # 0's six uses faded: 6 halvings later they count ~0.06 each
+    assert p.victim([0, 1]) == 0
+    assert Policy("lfu", 4).victim([0, 1]) in (0, 1)  # (lfu would keep the one with more uses in all)
+    lfu = Policy("lfu", 4)
+    for t in [(0,)] * 6 + [(3,)] * 8 + [(1,)] * 2:
+        lfu.on_token(t)
+    assert lfu.victim([0, 1]) == 1  # the behaviour lrfu changes

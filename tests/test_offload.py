@@ -13,6 +13,7 @@ import pytest
 
 import edge
 from edge.errors import BundleError
+from edge.moe.policies import DEFAULT_POLICY, POLICIES
 from edge.sdk import OffloadOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_small_cache_gives_the_same_tokens_as_a_full_one(bundle):
 
 
 def test_prefetch_and_policies_are_counted(bundle):
-    for policy in ("lru", "lfu", "locality"):
+    for policy in POLICIES:
         with edge.load(bundle, offload=OffloadOptions(policy=policy)) as m:
             m.backend.set_cache((3, 3, 3, 3), m.backend.config.bits)
             m.create_completion("import os\nimport sys\n", max_tokens=30, temperature=0)
@@ -166,7 +167,7 @@ def test_reply_replay_predicts_the_engines_loads(bundle, default_dir):
     trace, guesses = routing_and_guesses(weights, tokens)
     s = weights.spec
     for c in (3, 5):
-        replayed = sum(simulate_replies(trace.layer(i), guesses[i], s.n_experts, c, "locality", prompt, reply)
+        replayed = sum(simulate_replies(trace.layer(i), guesses[i], s.n_experts, c, DEFAULT_POLICY, prompt, reply)
                        for i in range(s.n_layers)) * reply
         with edge.load(bundle, offload=OffloadOptions(pin_bits=True)) as m:
             be = m.backend
@@ -247,7 +248,7 @@ def test_a_deployed_bundle_runs_its_plan_and_refuses_one_that_does_not_fit(bundl
         edge.load(copy)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "locality"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_the_simulator_replays_the_engines_cache_hit_for_hit(bundle, policy):
     """One eviction implementation: the engine decoding real text and the simulator replaying the
     routing the engine recorded see the same hits and misses, layer by layer, call by call."""

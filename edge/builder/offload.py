@@ -12,6 +12,7 @@ from edge.formats import edge_weights
 from edge.formats.bundle import Progress, TokenizerInfo
 from edge.formats.weights import ModelWeights
 from edge.moe.locality import sch
+from edge.moe.policies import DEFAULT_POLICY
 from edge.moe.simulate import simulate, simulate_engine, simulate_replies
 from edge.moe.trace import record_trace
 from edge.quant.nested import NestedLayout, encode
@@ -77,20 +78,20 @@ def locality_from(trace, guesses, window: int = LOCALITY_WINDOW) -> dict:
     curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(L)]
     # What the engine's default online policy achieves (first uses count as misses): the planner
     # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
-    online = [round(float(np.mean([simulate(trace.layer(i), E, c, "locality") for i in range(L)])), 5) for c in sizes]
+    online = [round(float(np.mean([simulate(trace.layer(i), E, c, DEFAULT_POLICY) for i in range(L)])), 5) for c in sizes]
     # per layer, for each cache size: the engine sizes caches per layer (allocate_slots), so the
     # planner sums the layers' loads at the sizes the engine will pick
-    per_layer = [[round(simulate_engine(trace.layer(i), guesses[i], E, c, "locality"), 4) for c in sizes]
+    per_layer = [[round(simulate_engine(trace.layer(i), guesses[i], E, c, DEFAULT_POLICY), 4) for c in sizes]
                  for i in range(L)]
     loads = [round(sum(row[j] for row in per_layer), 4) for j in range(len(sizes))]
     # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
     prompt, reply = REPLY
 
     def replies(g) -> list[list[float]]:  # g None: prefetching off
-        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, "locality", prompt, reply), 4)
+        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, DEFAULT_POLICY, prompt, reply), 4)
                  for c in sizes] for i in range(L)]
 
-    return {"sizes": sizes,
+    return {"sizes": sizes, "policy": DEFAULT_POLICY,
             "reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies(guesses),
                       "layer_demand_loads_per_token": replies(None)},
             "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,

@@ -46,6 +46,7 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
              as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.")) -> None:
     """Local routing consistency: SRP and the SCH hit-rate curve against cache size (moe-lrc)."""
     from edge.moe.locality import WINDOWS, analyze
+    from edge.moe.policies import POLICIES
     from edge.moe.simulate import policy_hit_rates
     from edge.moe.trace import RoutingTrace
 
@@ -80,7 +81,7 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
     p = Table(title="Cache policies vs Belady (layer-mean hit rate)",
               title_justify="left")
     p.add_column("C")
-    for name in ("lru", "lfu", "locality", "belady"):
+    for name in (*POLICIES, "belady"):
         p.add_column(name, justify="right")
     for c in sorted({tr.top_k, 2 * tr.top_k, 3 * tr.top_k} & set(range(1, tr.n_experts + 1))):
         p.add_row(str(c), *(f"{v:.3f}" for v in policy_hit_rates(tr, c).values()))

@@ -6,6 +6,9 @@ One cache per MoE layer holds C experts. Policies decide which resident expert t
 * ``lfu``      fewest uses since the model started (ties: least recent);
 * ``locality`` fewest uses in the last m tokens (ties: least recent): the online counterpart of
                SCH's "fewest uses in the next m tokens", betting that routing stays local;
+* ``lrfu``     lowest recency-weighted frequency (LRFU, Lee et al. 2001): every past use counts
+               2^(-age / h) with a half-life of h tokens (16), so an expert used often lately
+               outranks one used once just now, and old popularity fades (ties: least recent);
 * ``belady``   (simulator only, edge/moe/simulate.py) the expert whose next use is farthest away:
                the ceiling.
 
@@ -22,13 +25,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
-POLICIES = ("lru", "lfu", "locality")
+POLICIES = ("lru", "lfu", "locality", "lrfu")
+DEFAULT_POLICY = "lrfu"  # best of these on real routing and the default model's (docs/policies.md)
+HALF_LIFE = 16.0  # lrfu: tokens after which a use counts half (the locality window's length)
 
 
 class Policy:
     """Bookkeeping for one layer's cache: called on every token, asked for victims on misses."""
 
-    def __init__(self, kind: str, n_experts: int, window: int = 16):
+    def __init__(self, kind: str, n_experts: int, window: int = 16, half_life: float = HALF_LIFE):
         if kind not in POLICIES:
             raise ValueError(f"unknown cache policy {kind!r}; choose one of {', '.join(POLICIES)}")
         self.kind, self.window = kind, window
@@ -37,23 +42,36 @@ class Policy:
         self.recent = np.zeros(n_experts, dtype=np.int64)
         self._history: deque[tuple[int, ...]] = deque()
         self.clock = 0
+        self.tokens = 0
+        self._decay = 2.0 ** (-1.0 / half_life)  # per token
+        self._crf = np.zeros(n_experts)  # lrfu score as of token _crf_at
+        self._crf_at = np.zeros(n_experts, dtype=np.int64)
 
     def on_token(self, experts: tuple[int, ...]) -> None:
         """Record one token's experts for this layer (before its misses are resolved)."""
+        self.tokens += 1
         for e in experts:
             self.clock += 1
             self.last[e] = self.clock
             self.total[e] += 1
             self.recent[e] += 1
+            self._crf[e] = self._crf[e] * self._decay ** (self.tokens - self._crf_at[e]) + 1.0
+            self._crf_at[e] = self.tokens
         self._history.append(tuple(experts))
         if len(self._history) > self.window:
             for e in self._history.popleft():
                 self.recent[e] -= 1
 
+    def crf(self, e: int) -> float:
+        """lrfu's score of ``e`` now: its uses, each weighted 2^(-age / half-life)."""
+        return self._crf[e] * self._decay ** (self.tokens - self._crf_at[e])
+
     def victim(self, resident: list[int]) -> int:
         """Which of ``resident`` to evict."""
         if self.kind == "lru":
             return min(resident, key=lambda e: self.last[e])
+        if self.kind == "lrfu":
+            return min(resident, key=lambda e: (self.crf(e), self.last[e]))
         counts = self.total if self.kind == "lfu" else self.recent
         return min(resident, key=lambda e: (counts[e], self.last[e]))
 

@@ -21,7 +21,7 @@ import numpy as np
 from edge import _native as native
 from edge.errors import EdgeError
 from edge.hardware import default_threads
-from edge.moe.policies import Policy, ResidentSet
+from edge.moe.policies import DEFAULT_POLICY, Policy, ResidentSet
 from edge.quant.stack import LoadedStack
 from edge.runtime import ggml
 from edge.runtime.offload.experts import ExpertSource, Slot
@@ -85,7 +85,7 @@ class LayerCache:
 class OffloadConfig:
     slots: tuple[int, ...]  # cache capacity per layer
     bits: np.ndarray  # [L, E] bits each expert is loaded at
-    policy: str = "locality"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = True
     threads: int = 0  # 0: the physical cores (edge.hardware.default_threads)
     io_mode: str = "auto"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from edge.errors import EdgeError
-from edge.moe.policies import POLICIES
+from edge.moe.policies import DEFAULT_POLICY, POLICIES
 
 IO_MODES = ("auto", "direct", "buffered")
 
@@ -15,7 +15,7 @@ class OffloadOptions:
     """Offload engine settings (docs/offload.md). A field left None is not set: a deployed bundle's
     plan fills it, else :data:`DEFAULTS` does (:meth:`over`, :meth:`resolved`)."""
 
-    policy: str | None = None  # expert cache eviction: lru, lfu or locality
+    policy: str | None = None  # expert cache eviction: lru, lfu, locality or lrfu (default)
     bits: int | None = None  # bits of the hottest experts (2..4)
     min_bits: int | None = None  # bits of the coldest experts under HEBF
     pin_bits: bool | None = None  # every expert at `bits`: no downgrading of cold experts
@@ -57,4 +57,4 @@ class OffloadOptions:
         return full
 
 
-DEFAULTS = OffloadOptions(policy="locality", bits=4, min_bits=2, pin_bits=False, prefetch=True, io_mode="auto")
+DEFAULTS = OffloadOptions(policy=DEFAULT_POLICY, bits=4, min_bits=2, pin_bits=False, prefetch=True, io_mode="auto")
