@@ -44,6 +44,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}")
+        for name in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "n_experts", "top_k",
+                     "expert_ffn_size", "vocab_size", "context_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not 0 < self.top_k <= self.n_experts:
             raise ValueError(f"top_k {self.top_k} must be in 1..{self.n_experts}")
         if self.n_heads % self.n_kv_heads:

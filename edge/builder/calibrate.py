@@ -21,6 +21,7 @@ from edge.runtime.offload.prefetch import prefetch_guess
 
 CALIBRATION_TOKENS = 2048
 WINDOW = 512  # tokens per independent context, as perplexity is measured
+BATCH = 64  # tokens per forward pass: the engine's scratch for a batch's MoE layer grows with it
 
 
 def calibration_tokens(encode: Callable[[str], list[int]], text: Path | None = None,

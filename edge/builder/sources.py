@@ -158,6 +158,10 @@ class GGUFSource:
         self.reader = open_reader(self.path)
         self.spec: ModelSpec = read_spec(self.path, self.reader)
         self.tensors = {t.name: t for t in self.reader.tensors}
+        from edge.runtime.offload.experts import expert_tensors
+
+        self.layers = expert_tensors(self.path, self.reader, self.spec)  # checked: shapes, types edge computes
+        self._trunk = self._trunk_plans()
 
     @property
     def source_bytes(self) -> int:
@@ -169,6 +173,9 @@ class GGUFSource:
         return max(trunk, 3 * self.spec.hidden_size * self.spec.expert_ffn_size * 4)
 
     def trunk(self) -> Trunk:
+        return Trunk(self._trunk, self.reader)
+
+    def _trunk_plans(self) -> list[TensorPlan]:
         plans = []
         for t in self.reader.tensors:
             if "_exps." in t.name:
@@ -180,15 +187,12 @@ class GGUFSource:
                                             f"not compute (supported: {', '.join(ggml.COMPUTABLE)})")
             plans.append(TensorPlan(t.name, tuple(reversed(t.shape)), int(t.tensor_type),
                                     lambda t=t: np.array(t.bytes_of(self.reader))))
-        return Trunk(plans, self.reader)
+        return plans
 
     def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         from gguf.quants import dequantize
 
-        from edge.runtime.offload.experts import expert_tensors
-
-        layers = expert_tensors(self.path, self.reader, self.spec)
-        for i, trio in enumerate(layers):
+        for i, trio in enumerate(self.layers):
             for e in range(self.spec.n_experts):
                 mats = []
                 for t in trio:

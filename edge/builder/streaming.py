@@ -102,8 +102,8 @@ def _calibrate(tmp: Path, index, spec, tok_info: TokenizerInfo, text: Path | Non
     trunk = trunks.from_gguf(tmp / "dense.gguf", open_reader(tmp / "dense.gguf"), spec)
     bits = np.full((spec.n_layers, spec.n_experts), min(4, index.layout.max_bits), dtype=np.int64)
     config = OffloadConfig(slots=(1,) * spec.n_layers, bits=bits, prefetch=False, threads=default_threads())
-    engine = OffloadEngine(trunk, NestedExperts(ExpertStore(tmp / "experts.bin", index)), config,
-                           n_ctx=calibrate.WINDOW)
+    engine = OffloadEngine(trunk, NestedExperts(ExpertStore(tmp / "experts.bin", index), prefetch=False), config,
+                           n_ctx=calibrate.WINDOW, batch=calibrate.BATCH)
     try:
         trace, guesses = calibrate.engine_routing(
             engine, tokens, progress=lambda done, tot: say("calibration tokens", done, tot))

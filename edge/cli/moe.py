@@ -41,7 +41,7 @@ def trace(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or
     out.print(f"wrote {output}: {tr.n_tokens} tokens x {tr.n_layers} layers x top-{tr.top_k} of {tr.n_experts} experts")
 
 
-def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge trace`."),
+def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge trace`, or a .gguf file: the routing recorded while edge ran it."),
              plot: Optional[Path] = typer.Option(None, "--plot", help="Write the SCH curves as a PNG."),
              as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.")) -> None:
     """Local routing consistency: SRP and the SCH hit-rate curve against cache size (moe-lrc)."""
@@ -50,7 +50,17 @@ def locality(trace_file: Path = typer.Argument(..., help="Trace written by `edge
     from edge.moe.simulate import policy_hit_rates
     from edge.moe.trace import RoutingTrace
 
-    tr = RoutingTrace.load(trace_file)
+    if trace_file.suffix.lower() == ".gguf":
+        from edge.routing import recorded
+
+        if not trace_file.is_file():
+            raise EdgeError(f"{trace_file}: no such file or folder")
+        tr = recorded(trace_file)
+        if tr is None:
+            raise EdgeError(f"no routing recorded for {trace_file.name} yet: run it on the offload engine first "
+                            f"(edge run PROMPT -m {trace_file} --backend offload)")
+    else:
+        tr = RoutingTrace.load(trace_file)
     windows = tuple(m for m in WINDOWS if m <= tr.n_tokens)
     if not windows:
         raise EdgeError(f"{trace_file} has {tr.n_tokens} tokens; the shortest window needs {WINDOWS[0]}")

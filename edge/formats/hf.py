@@ -67,6 +67,16 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 
 
 def spec_from_config(cfg: dict[str, Any], infos: dict[str, st.TensorInfo]) -> ModelSpec:
+    """The ModelSpec config.json and the tensors describe; impossible numbers (negative counts,
+    strings where numbers belong, missing keys) are one-line ModelFormatErrors naming config.json."""
+    try:
+        return _spec_from_config(cfg, infos)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"describes an impossible model ({e})"
+        raise ModelFormatError(f"config.json {what}") from None
+
+
+def _spec_from_config(cfg: dict[str, Any], infos: dict[str, st.TensorInfo]) -> ModelSpec:
     arch = cfg.get("model_type")
     n_experts = _get(cfg, "num_local_experts", "num_experts", default=0)
     if arch not in ARCHITECTURES:

@@ -97,11 +97,12 @@ class OffloadEngine:
     name = "offload"
 
     def __init__(self, trunk: Trunk, experts: ExpertSource, config: OffloadConfig, *, n_ctx: int = 2048,
-                 stack: LoadedStack | None = None):
+                 stack: LoadedStack | None = None, batch: int = 0):
         s = trunk.spec
         self.spec, self.trunk, self.experts, self.config = s, trunk, experts, config
         self.threads = config.threads or default_threads()
         self.n_ctx = min(n_ctx, s.context_length)
+        self.batch = batch or BATCH  # prompt tokens per forward pass: the graph scratch grows with it
         self.n_vocab = s.vocab_size
         self.n_past = 0
         self.route_observers: list = []
@@ -119,7 +120,7 @@ class OffloadEngine:
         self._k = np.empty(shape, dtype=np.float32)
         self._v = np.empty(shape, dtype=np.float32)
         self.telemetry = Telemetry(layers=[LayerStats() for _ in range(s.n_layers)])
-        self._graph_mem = np.empty(_graph_bytes(s), dtype=np.uint8)
+        self._graph_mem = np.empty(_graph_bytes(s, self.batch), dtype=np.uint8)
         for buf in (self._k, self._v, self._graph_mem, self._stack_scratch, *experts.staging_buffers()):
             buf.fill(0)  # fault the pages in now, so the memory measured after init is all of it
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
@@ -203,9 +204,9 @@ class OffloadEngine:
             raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
         t_start = time.perf_counter()
         rows = []
-        for start in range(0, len(ids), BATCH):  # long prompts in batches: bounded scratch memory
-            x = self._forward(ids[start : start + BATCH])
-            if all_logits or start + BATCH >= len(ids):
+        for start in range(0, len(ids), self.batch):  # long prompts in batches: bounded scratch memory
+            x = self._forward(ids[start : start + self.batch])
+            if all_logits or start + self.batch >= len(ids):
                 rows.append(self._logits(x if all_logits else x[-1:]))
         logits = np.concatenate(rows)
         dt = time.perf_counter() - t_start
@@ -375,14 +376,14 @@ BATCH = 512  # prompt tokens per forward pass, as llama.cpp's default n_batch
 LOGIT_ROWS = 64  # positions per output-matrix product when every position's logits are wanted
 
 
-def _graph_bytes(spec) -> int:
+def _graph_bytes(spec, batch: int = BATCH) -> int:
     """Scratch for the largest ggml graph the engine builds: a batch's MoE layer (every routed
     row's input, gate, up, product and output: K x (2D + 4F) floats per token), its attention
     products, the shared expert, or LOGIT_ROWS rows of logits; plus 8 MiB for ggml's tensor and
     graph overheads and the quantized copy of the activations its kernels make."""
     D, F, K = spec.hidden_size, spec.expert_ffn_size, spec.top_k
-    moe = BATCH * K * (2 * D + 4 * F)
-    attn = BATCH * ((spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + D)
-    shared = BATCH * (2 * D + 4 * spec.shared_expert_ffn_size)
+    moe = batch * K * (2 * D + 4 * F)
+    attn = batch * ((spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + D)
+    shared = batch * (2 * D + 4 * spec.shared_expert_ffn_size)
     logits = LOGIT_ROWS * (spec.vocab_size + D)
     return 4 * max(moe, attn, shared, logits) + (8 << 20)

@@ -58,12 +58,13 @@ class ExpertSource(Protocol):
 class NestedExperts:
     kind = "nested"
 
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: ExpertStore, *, prefetch: bool = True):
         self.store = store
         layout = store.index.layout
         self._slot = q4_1_bytes(layout)
-        self._stage = {w: aligned_buffer(store.read_bytes(4)) for w in WHO}  # the most a Q4_1 slot needs
-        self._scratch = {w: np.empty(layout.n_weights, np.uint8) for w in WHO}
+        who = WHO if prefetch else WHO[:1]  # the prefetch thread's buffers only where it runs
+        self._stage = {w: aligned_buffer(store.read_bytes(min(4, layout.max_bits))) for w in who}
+        self._scratch = {w: np.empty(layout.n_weights, np.uint8) for w in who}
 
     @property
     def mode(self) -> str:

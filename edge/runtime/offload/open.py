@@ -54,7 +54,7 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options: Offload
         del dense  # unmaps the float32 file: its pages leave our RSS and can leave the page cache
         gc.collect()
         _drop_page_cache(dense_path)
-    experts = NestedExperts(ExpertStore(bundle / "experts.bin", index, mode=options.io_mode))
+    experts = NestedExperts(ExpertStore(bundle / "experts.bin", index, mode=options.io_mode), prefetch=options.prefetch)
     return _start(trunk, experts, manifest.locality or {}, stack, budget=budget, options=options, n_ctx=n_ctx,
                   threads=threads, name=manifest.name)
 
