@@ -37,7 +37,9 @@ def main() -> None:
         from edge.sdk import OffloadOptions
 
         budget = opts.pop("memory_budget", None)
-        m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, offload=OffloadOptions(**opts))
+        backend = opts.pop("backend", "auto")
+        m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, backend=backend,
+                      offload=OffloadOptions(**opts))
         prompt = m.tokenize(PROMPT)
         step = m.backend.eval
     t1 = time.perf_counter()
@@ -63,13 +65,23 @@ def main() -> None:
                       "decode": decode}))
 
 
+def storage_read_bytes() -> int:
+    """Bytes this process made the kernel read from storage (/proc/self/io read_bytes): page
+    faults on a memory-mapped file and O_DIRECT reads alike."""
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def decode_counters(metrics: dict | None) -> dict:
     """Counters whose change over the decode loop tells where its time went: major page faults
-    (file pages read back in), and for edge's engine expert loads, bytes read and stalls."""
-    out = {"major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
+    (file pages read back in), bytes read from storage, and for edge's engine expert loads, bytes
+    it read and stalls."""
+    out = {"major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt, "storage_bytes": storage_read_bytes()}
     if metrics and "cache_misses" in metrics:  # the offload engine (edge on a GGUF runs llama.cpp)
         out.update(loads=metrics["expert_loads"], bytes_read=metrics["bytes_read"],
-                   stall_seconds=metrics["stall_seconds"])
+                   stall_seconds=metrics["stall_seconds"], hits=metrics["cache_hits"], misses=metrics["cache_misses"])
     return out
 
 

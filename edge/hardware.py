@@ -11,6 +11,13 @@ from typing import Any
 import psutil
 
 
+def spare_cpus() -> bool:
+    """Whether the CPUs outnumber the threads a backend computes with by default (hyper-threads):
+    only then can a background thread's work (the offload prefetcher's loads) overlap the compute.
+    On a 2-core VM without them, prefetching cost 16-25% (docs/offload.md)."""
+    return (psutil.cpu_count() or 1) > default_threads()
+
+
 def default_threads() -> int:
     """Threads a backend computes with when nobody says otherwise: the physical cores (hyper-threads
     share a core's vector units; the planner plans with this same number)."""
@@ -52,6 +59,7 @@ class HardwareProfile:
     engine_load_factor: float | None = None  # a bundle's loads in the engine / their steps timed alone
     engine_load_factor_2bit: float | None = None  # ... for 2-bit loads (their conversion behaves apart)
     native_convert: bool | None = None  # edge's C helper converts experts (False: numpy, ~3x slower)
+    gemv_types: tuple[tuple[str, float], ...] = ()  # ggml GEMV GFLOP/s by weight type (GGUFs run from the file)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -66,4 +74,5 @@ class HardwareProfile:
     def from_dict(cls, d: dict[str, Any]) -> "HardwareProfile":
         kw = {f.name: d.get(f.name) for f in fields(cls)}
         kw["isa"], kw["ort_providers"] = tuple(kw["isa"] or ()), tuple(kw["ort_providers"] or ())
+        kw["gemv_types"] = tuple((str(t), float(v)) for t, v in (kw.get("gemv_types") or ()))
         return cls(**kw)

@@ -19,6 +19,7 @@ from edge.paths import cache_dir
 log = logging.getLogger(__name__)
 KEEP_TOKENS = 8192  # the most recent tokens kept: enough for SCH at m = 16, a few hundred KB per model
 SCH_WINDOW = 16  # the cache sizing window, as offload bundles measure it (edge/builder/offload.py)
+MIN_TOKENS = 128  # fewer recorded tokens say too little about a layer's curve to size its cache by
 
 
 def identity(path: Path) -> str:
@@ -48,7 +49,7 @@ def recorded(path: Path) -> RoutingTrace | None:
 
 def locality_of(trace: RoutingTrace | None) -> dict:
     """What cache sizing reads from a trace: per-layer SCH curves and hotness ({} without one)."""
-    if trace is None or trace.n_tokens < 2 * SCH_WINDOW:
+    if trace is None or trace.n_tokens < MIN_TOKENS:
         return {}
     from edge.moe.locality import sch
 
@@ -82,3 +83,20 @@ class UsageRecorder:
         trace = RoutingTrace(ids=ids[-KEEP_TOKENS:], weights=w[-KEEP_TOKENS:], n_experts=new.n_experts,
                              meta={"model": self.path.name, "source": "recorded in use"})
         trace.save(trace_path(self.path))
+
+
+PLAN_TOKENS = 1024  # the most recent recorded tokens the planner's replays use (each replay is Python)
+
+
+def planning_locality(path: Path) -> dict:
+    """What the planner reads for a GGUF run from the file: the recorded routing's SCH curves and
+    the engine's replayed loads per token (prefetch off) at every cache size, {} when too little
+    was recorded."""
+    trace = recorded(path)
+    if trace is None or trace.n_tokens < MIN_TOKENS:
+        return {}
+    from edge.builder.offload import locality_from
+
+    recent = RoutingTrace(ids=trace.ids[-PLAN_TOKENS:], weights=trace.weights[-PLAN_TOKENS:],
+                          n_experts=trace.n_experts, meta=trace.meta)
+    return locality_from(recent, None, SCH_WINDOW) | {"source": "routing recorded in use"}

@@ -221,12 +221,13 @@ def _load_gguf_file(src: Source, backend: str, n_ctx: int, n_threads: int | None
     from edge.runtime.offload.open import open_gguf
 
     trace = recorded(src.path)
-    if trace is not None:
+    locality = locality_of(trace)
+    if locality:
         notes += (f"expert cache spread over the layers by the routing recorded on earlier runs ({trace.n_tokens} "
                   f"tokens)",)
     engine = open_gguf(src.path, budget=budget, options=(offload or OffloadOptions()).resolved(),
                        n_ctx=min(n_ctx, spec.context_length), threads=n_threads or default_threads(),
-                       locality=locality_of(trace))
+                       locality=locality)
     try:
         vocab = load_model(src.path, vocab_only=True)
     except BaseException:

@@ -94,3 +94,23 @@ class ModelSpec:
         if missing:
             raise ValueError(f"model spec lacks {sorted(missing)}")
         return cls(**{k: data[k] for k in names})
+
+
+@dataclass(frozen=True)
+class StoredExperts:
+    """How a model is stored where the offload engine reads it (a GGUF's own tensors), for the
+    planner: per layer, the bytes one expert's cache slot holds and its reads move (aligned spans of
+    its matrices, one read each), the type and bytes of each of its matrices, and the trunk: what
+    stays resident and what a decoded token streams of it, by type."""
+
+    slot_bytes: tuple[int, ...]  # per layer
+    read_bytes: tuple[int, ...]  # per layer: one expert's reads, on average
+    reads_per_load: int
+    expert_types: tuple[tuple[tuple[str, int], ...], ...]  # per layer: (ggml type, bytes) of each matrix
+    trunk_bytes: int
+    trunk_streamed: tuple[tuple[str, int], ...]  # (ggml type, bytes) a decoded token reads of the trunk
+
+    @property
+    def types(self) -> str:
+        """'Q4_K/Q6_K': the types the experts are stored in."""
+        return "/".join(sorted({t for layer in self.expert_types for t, _ in layer}))

@@ -121,3 +121,8 @@ def test_lrfu_weighs_recent_uses_more_than_old_ones():
     for t in [(0,)] * 6 + [(3,)] * 8 + [(1,)] * 2:
         lfu.on_token(t)
     assert lfu.victim([0, 1]) == 1  # the behaviour lrfu changes
+
+
+def test_without_routing_data_the_cache_spreads_evenly_over_the_layers():
+    slots = slots_for(1700, n_layers=48, n_experts=128, top_k=8, sch_curves=None)
+    assert sum(slots) == 1700 and max(slots) - min(slots) <= 1  # not 11 full layers and 37 at top-k

@@ -61,7 +61,10 @@ def _cli(*args):
 
 
 def test_routing_seen_in_use_is_recorded_and_sizes_the_next_load(q4km):
-    first = _cli("run", "def main(argv):\n", "-m", str(q4km), "--backend", "offload", "-n", "40", "-t", "0", "--metrics")
+    from edge.data.corpus import stdlib_corpus
+
+    prompt = stdlib_corpus().heldout_texts()[2][:1500]  # a few hundred tokens: enough to size caches by
+    first = _cli("run", prompt, "-m", str(q4km), "--backend", "offload", "-n", "40", "-t", "0", "--metrics")
     assert first.returncode == 0, first.stderr
     assert "--backend offload: the offload engine runs it" in first.stderr
     assert "routing recorded on earlier runs" not in first.stderr

@@ -72,8 +72,11 @@ def locality_from(trace, guesses, window: int = LOCALITY_WINDOW) -> dict:
     """What a bundle records of its calibration routing: per-layer SCH curves and hotness, the
     online policy's hit rates, and the offload engine's expert loads per token (prefetch included
     and not) replayed in steady use and over short replies, at the cache sizes of
-    :func:`cache_sizes` (``sizes``)."""
+    :func:`cache_sizes` (``sizes``). ``guesses`` None (routing recorded in use, which has no
+    prefetcher guesses): the replays are of the engine with prefetching off."""
     E, K, L = trace.n_experts, trace.top_k, trace.n_layers
+    if guesses is None:
+        guesses = [None] * L
     sizes = cache_sizes(E, K)
     curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(L)]
     # What the engine's default online policy achieves (first uses count as misses): the planner
@@ -81,22 +84,29 @@ def locality_from(trace, guesses, window: int = LOCALITY_WINDOW) -> dict:
     online = [round(float(np.mean([simulate(trace.layer(i), E, c, DEFAULT_POLICY) for i in range(L)])), 5) for c in sizes]
     # per layer, for each cache size: the engine sizes caches per layer (allocate_slots), so the
     # planner sums the layers' loads at the sizes the engine will pick
-    per_layer = [[round(simulate_engine(trace.layer(i), guesses[i], E, c, DEFAULT_POLICY), 4) for c in sizes]
-                 for i in range(L)]
+    per_layer = [[round(_steady(trace.layer(i), guesses[i], E, c), 4) for c in sizes] for i in range(L)]
     loads = [round(sum(row[j] for row in per_layer), 4) for j in range(len(sizes))]
     # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
     prompt, reply = REPLY
 
     def replies(g) -> list[list[float]]:  # g None: prefetching off
-        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, DEFAULT_POLICY, prompt, reply), 4)
-                 for c in sizes] for i in range(L)]
+        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, DEFAULT_POLICY, prompt,
+                                        reply), 4) for c in sizes] for i in range(L)]
 
     return {"sizes": sizes, "policy": DEFAULT_POLICY,
-            "reply": {"prompt_tokens": prompt, "reply_tokens": reply, "layer_loads_per_token": replies(guesses),
+            "reply": {"prompt_tokens": prompt, "reply_tokens": reply,
+                      "layer_loads_per_token": replies(None if guesses[0] is None else guesses),
                       "layer_demand_loads_per_token": replies(None)},
             "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
             "loads_per_token": loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}
+
+
+def _steady(ids, guesses, n_experts: int, capacity: int) -> float:
+    """Loads per token in steady use, with the prefetcher's guesses (None: prefetching off)."""
+    if guesses is None:
+        return (1 - simulate(ids, n_experts, capacity, DEFAULT_POLICY)) * ids.shape[1]
+    return simulate_engine(ids, guesses, n_experts, capacity, DEFAULT_POLICY)
 
 
 def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say: Progress,

@@ -79,7 +79,13 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
 
     src = resolve(model)
     spec = read_spec(src)
-    locality = None
+    locality = stored = None
+    if src.kind == "gguf":  # an offload plan reads it straight from the file, in its own types
+        from edge.formats.gguf_read import open_reader, stored_experts
+        from edge.routing import planning_locality
+
+        stored = stored_experts(open_reader(src.path), spec)
+        locality = planning_locality(src.path) or None
     if src.kind == "bundle":
         from edge.formats.bundle import read_manifest
 
@@ -88,7 +94,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         from edge.device.profile import at_bundle, cached_profile
 
         prof = cached_profile()
-        if locality is not None:  # an offload bundle here: time reads of its own expert store
+        if locality is not None and src.kind == "bundle":  # an offload bundle here: time reads of its own store
             prof = at_bundle(prof, src.path)
     else:
         from edge.device.profiles import device_profile
@@ -99,7 +105,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     except ValueError as e:
         raise EdgeError(f"--budget: {e}") from None
     p = make_plan(spec, prof, budget_bytes=budget_bytes, context=context, bits=bits, locality=locality,
-                  model_name=src.name, backend=backend)
+                  model_name=src.name, backend=backend, stored=stored)
     if as_json:
         out.print_json(json.dumps(p.to_dict()))
         return

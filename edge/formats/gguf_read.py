@@ -18,7 +18,7 @@ import numpy as np
 from edge.errors import ModelFormatError, UnsupportedModelError
 from edge.formats.gguf_write import GGUF_ARCH, unpermute_qk
 from edge.formats.weights import LayerWeights, ModelWeights
-from edge.spec import ModelSpec
+from edge.spec import ModelSpec, StoredExperts
 
 _ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}
 _MAGIC = b"GGUF"
@@ -185,6 +185,34 @@ def read_spec(path: Path, reader=None) -> ModelSpec:
         weight_dtype="/".join(expert_types),
         source_format="gguf",
     )
+
+
+def stored_experts(reader, spec: ModelSpec) -> StoredExperts:
+    """What the planner needs of a MoE GGUF read straight from the file (edge.spec.StoredExperts):
+    each expert's three slices, the aligned spans the engine reads and its slots hold, and the
+    trunk by type (the embedding table is resident but a token reads one row of it)."""
+    align = 4096
+    tensors = {t.name: t for t in reader.tensors}
+    slots, reads, types = [], [], []
+    E = spec.n_experts
+    for i in range(spec.n_layers):
+        trio = [tensors[f"blk.{i}.{m}.weight"] for m in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+        per = [t.n_bytes // E for t in trio]
+        spans = []
+        for t, n in zip(trio, per):
+            starts = [t.data_offset + e * n for e in range(E)]
+            spans.append(sum(-(-(s + n) // align) * align - s // align * align for s in starts) / E)
+        slots.append(sum(-(-(n + align - 1) // align) * align for n in per))
+        reads.append(int(sum(spans)))
+        types.append(tuple((t.tensor_type.name, n) for t, n in zip(trio, per)))
+    trunk = [t for t in reader.tensors if not _is_expert(t.name)]
+    streamed: dict[str, int] = {}
+    for t in trunk:
+        if t.name == "token_embd.weight" and not spec.tied_embeddings:
+            continue  # a token reads one row of the table
+        streamed[t.tensor_type.name] = streamed.get(t.tensor_type.name, 0) + t.n_bytes
+    return StoredExperts(tuple(slots), tuple(reads), 3, tuple(types), sum(t.n_bytes for t in trunk),
+                         tuple(sorted(streamed.items())))
 
 
 def load_weights(path: Path) -> ModelWeights:

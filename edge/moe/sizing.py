@@ -17,6 +17,24 @@ MARGIN_BYTES = 48 << 20
 MARGIN_FRACTION = 0.10
 
 
+BATCH = 512  # prompt tokens per forward pass of the offload engine, as llama.cpp's default n_batch
+LOGIT_ROWS = 64  # positions per output-matrix product when every position's logits are wanted
+
+
+def scratch_bytes(spec, batch: int = BATCH) -> int:
+    """The offload engine's scratch for its largest ggml graph: a batch's MoE layer (every routed
+    row's input, gate, up, product and output: K x (2D + 4F) floats per token), its attention
+    products, the shared expert, or LOGIT_ROWS rows of logits; plus 8 MiB for ggml's tensor and
+    graph overheads and the quantized copy of the activations its kernels make. The planner counts
+    it as the engine allocates it."""
+    D, F, K = spec.hidden_size, spec.expert_ffn_size, spec.top_k
+    moe = batch * K * (2 * D + 4 * F)
+    attn = batch * ((spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + D)
+    shared = batch * (2 * D + 4 * spec.shared_expert_ffn_size)
+    logits = LOGIT_ROWS * (spec.vocab_size + D)
+    return 4 * max(moe, attn, shared, logits) + (8 << 20)
+
+
 def headroom_bytes(budget: int | None) -> int:
     """What a budget keeps free beside everything the engine holds."""
     return MARGIN_BYTES + int(MARGIN_FRACTION * (budget or 0))
@@ -78,7 +96,9 @@ def allocate_slots(sch_curves: np.ndarray, top_k: int, total_slots: int, target:
             c = slots[i]
             done = c >= E or sch_curves[i, c - 1] >= target * sch_curves[i, -1]
             gains.append(-1.0 if done else sch_curves[i, c] - sch_curves[i, c - 1])
-        best = int(np.argmax(gains))
+        # equal gains (uniform routing, or flat stretches of real curves): the layer with the fewest
+        # slots first, so a tie spreads the cache instead of filling layer 0 to the brim
+        best = max(range(L), key=lambda i: (round(gains[i], 9), -slots[i]))
         if gains[best] < 0:
             break
         slots[best] += 1

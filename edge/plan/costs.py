@@ -13,7 +13,11 @@ from edge.units import format_bytes
 # Bits per weight of the formats the plan can pick (ggml block layouts: scale/offset included).
 BPW = {"q4_1": 5.0, "q8_0": 8.5, "f16": 16.0}
 LLAMA_OVERHEAD_BYTES = 64 << 20  # llama.cpp compute buffers and runtime (measured ~60 MB, docs/offload.md)
-OFFLOAD_RUNTIME_BYTES = 160 << 20  # Python, numpy, ggml, buffers: measured 150-180 MB before slots
+# Python, numpy, ggml and llama.cpp's libraries and edge's modules, beside the trunk, KV cache,
+# graph scratch and staging buffers the planner counts apart: 61 MiB measured in a fresh process
+# running the tiny synthetic bundle (109 MiB held before its cache, less 2 trunk, 42 scratch, 1 KV,
+# 2 staging), and the CLI's own modules on top
+OFFLOAD_RUNTIME_BYTES = 96 << 20
 GEMV_SHARE_OF_PEAK = 0.70  # device profiles list peak DRAM bandwidth, not a measured GEMV rate
 CRC_BYTES_PER_S = 4e9  # zlib.crc32 when a profile has no measured checksum speed (2-4 GB/s here)
 
@@ -21,6 +25,12 @@ CRC_BYTES_PER_S = 4e9  # zlib.crc32 when a profile has no measured checksum spee
 def slot_bytes(spec: ModelSpec) -> int:
     """Bytes of one expert cache slot: the expert's matrices as ggml Q4_1 (5 bits per weight)."""
     return int(spec.expert_params // (spec.n_layers * spec.n_experts) * BPW["q4_1"] / 8)
+
+
+def staging_bytes(spec: ModelSpec, threads: int = 1) -> int:
+    """The nested store's staging per loading thread: one 4-bit read and its conversion scratch."""
+    F, D = spec.expert_ffn_size, spec.hidden_size
+    return threads * (expert_read_bytes(spec, 4) + 3 * F * D)
 
 
 def expert_read_bytes(spec: ModelSpec, bits: int) -> int:
@@ -102,3 +112,45 @@ def fixed_s(per_layer_us: float | None, n_layers: int, who: str) -> tuple[float,
     if per_layer_us is None:
         return 0.0, f"{who}'s fixed cost per layer (not measured on this device: left out, so speed is an upper bound)"
     return n_layers * per_layer_us * 1e-6, f"{n_layers} x {per_layer_us:.0f} µs fixed cost per layer ({who}, measured)"
+
+
+def type_stream_bps(device: HardwareProfile, type_name: str) -> tuple[float | None, str]:
+    """Bytes per second a ggml GEMV streams of weights in ``type_name`` on this device: its measured
+    rate where the profile has one, else the Q4_1 rate in bytes (stated), else the DRAM estimate."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    bpw = size * 8 / block
+    rates = dict(device.gemv_types)
+    if type_name in rates:
+        return rates[type_name] * 1e9 / 2 * bpw / 8, f"{type_name} {rates[type_name]:.0f} GFLOP/s"
+    if type_name in ("F32", "F16", "BF16") and device.memory_bandwidth_gbps:  # numpy/ggml float products: DRAM-bound
+        return device.memory_bandwidth_gbps * 1e9 / 2, f"{type_name} at half the copy bandwidth"
+    bps, why = stream_bytes_per_s(device, "offload")
+    return bps, f"{type_name} not measured: as Q4_1 ({why})"
+
+
+def stored_compute_s(stored, spec: ModelSpec, device: HardwareProfile) -> tuple[float | None, str]:
+    """Seconds a decoded token spends in products over weights stored in their file types: the
+    streamed trunk and K experts per layer, each type at its own measured rate."""
+    total, parts = 0.0, {}
+    terms = list(stored.trunk_streamed) + [(t, spec.top_k * n) for layer in stored.expert_types for t, n in layer]
+    for t, n in terms:
+        bps, why = type_stream_bps(device, t)
+        if bps is None:
+            return None, why
+        total += n / bps
+        parts[t] = parts.get(t, 0) + n
+        parts[t + " why"] = why
+    text = ", ".join(f"{format_bytes(parts[t])} {parts[t + ' why']}" for t in sorted(k for k in parts if " why" not in k))
+    return total, f"{text} -> {total * 1e3:.0f} ms"
+
+
+def stored_load_s(stored, device: HardwareProfile, read_mbps: float) -> tuple[float, str]:
+    """Seconds one expert load costs when it is read in its file type: its aligned spans (one read
+    per matrix) at the scattered-read speed plus each read's latency; nothing to check or convert."""
+    nbytes = sum(stored.read_bytes) / len(stored.read_bytes)
+    latency = (device.storage_chunk_latency_ms or 0.0) / 1e3 * stored.reads_per_load
+    s = latency + nbytes / (read_mbps * 1e6)
+    return s, (f"{format_bytes(nbytes)} in {stored.reads_per_load} reads at {read_mbps:.0f} MB/s + "
+               f"{latency * 1e3:.1f} ms latency = {s * 1e3:.1f} ms (no checksum, no conversion)")

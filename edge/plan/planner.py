@@ -31,7 +31,7 @@ import numpy as np
 
 from edge.errors import EdgeError
 from edge.hardware import HardwareProfile
-from edge.moe.sizing import MARGIN_BYTES, cache_room, headroom_bytes, slots_for
+from edge.moe.sizing import MARGIN_BYTES, cache_room, headroom_bytes, scratch_bytes, slots_for, slots_within
 from edge.plan.costs import (
     BPW,
     LLAMA_OVERHEAD_BYTES,
@@ -40,10 +40,13 @@ from edge.plan.costs import (
     fixed_s,
     offload_compute_s,
     slot_bytes,
+    staging_bytes,
+    stored_compute_s,
+    stored_load_s,
     stream_bytes_per_s,
     weights_s,
 )
-from edge.spec import ModelSpec
+from edge.spec import ModelSpec, StoredExperts
 from edge.units import format_bytes
 
 BACKENDS = ("auto", "llamacpp", "offload")
@@ -93,14 +96,17 @@ def plan_from_dict(data: dict, where: str) -> Plan:
 
 def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None = None, context: int = 2048,
          bits: int = 4, locality: dict | None = None, model_name: str = "model",
-         backend: str = "auto") -> Plan:
+         backend: str = "auto", stored: StoredExperts | None = None) -> Plan:
     """Choose a backend and its settings; predict decode speed and peak memory; refuse with numbers.
 
     ``locality``: an offload bundle's measured locality (manifest): expert loads per token of the
     engine (cache policy + prefetcher) replayed on the model's calibration trace for C = 1..E slots
     per layer — over 64-token replies from a freshly loaded engine (what edge bench measures) when
     the bundle has them, else in steady use — or the policy's hit rates from older bundles;
-    without it, uniform routing."""
+    without it, uniform routing.
+
+    ``stored``: the model is a GGUF read straight from the file (edge.formats.gguf_read
+    .stored_experts): an offload plan computes and reads its tensors in their own types."""
     if bits not in (2, 3, 4):
         raise EdgeError(f"plans use 2..4-bit experts, not {bits}")
     if backend not in BACKENDS:
@@ -133,11 +139,14 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
             reasons.append(f"decode: {w_why} + {f_why} -> {decode:.1f} tokens/s")
         return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
                     int(whole), decode, tuple(reasons))
+    if stored is not None:
+        return _gguf_offload(spec, device, stored, budget, context, locality or {}, model_name, whole, threads)
     stream, stream_why = stream_bytes_per_s(device, "offload")
     reasons.append(f"weights stream at {stream_why}")
     slot = slot_bytes(spec)
     kv32 = kv16 * 2  # the offload engine keeps K and V in f32
-    held = int(spec.dense_params * q8 + kv32 + OFFLOAD_RUNTIME_BYTES)  # what the engine holds beside its cache
+    # what the engine holds beside its cache (prefetch planned off: one loading thread's staging)
+    held = int(spec.dense_params * q8 + kv32 + scratch_bytes(spec) + staging_bytes(spec) + OFFLOAD_RUNTIME_BYTES)
     room = cache_room(budget, held)  # as the engine computes it (edge/runtime/offload/budget.py)
     if room < L * K * slot:
         raise EdgeError(
@@ -181,6 +190,54 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                 f"decode: {w_why} + {f_why} + {loads * load_s * 1e3:.0f} ms loading -> {1 / step:.2f} tokens/s"]
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                 slots, prefetch, int(peak), 1 / step, tuple(reasons), loads, load_s)
+
+
+def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExperts, budget: int, context: int,
+                  locality: dict, model_name: str, whole: float, threads: int) -> Plan:
+    """An offload plan for a GGUF read straight from the file: its trunk resident in its own types,
+    experts read (aligned spans, no conversion) into slots of their file size, cache sized by the
+    engine's own functions; prefetch planned off (no replay of its guesses exists for a GGUF)."""
+    L, E, K = spec.n_layers, spec.n_experts, spec.top_k
+    kv32 = 4 * L * spec.n_kv_heads * spec.head_dim * context * 2
+    held = stored.trunk_bytes + kv32 + scratch_bytes(spec) + OFFLOAD_RUNTIME_BYTES
+    room = cache_room(budget, held)
+    smallest = K * sum(stored.slot_bytes)
+    types = stored.types
+    if room < smallest:
+        raise EdgeError(f"needs {format_bytes(held + smallest + headroom_bytes(budget))} with offloading from the GGUF "
+                        f"({format_bytes(stored.trunk_bytes)} trunk, KV {format_bytes(kv32)}, {L} layers x {K} experts "
+                        f"in {types}); budget is {format_bytes(budget)}")
+    read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
+    if not read_mbps:
+        raise EdgeError(f"device '{device.name}' has no storage read speed to plan offloading with")
+    slots = slots_within(room, list(stored.slot_bytes), E, K, locality.get("sch"))
+    loads, loads_why = _loads_per_token(locality, slots, L, E, K)
+    if locality.get("reply"):
+        reply = locality["reply"]
+        loads = _at_slots(reply["layer_demand_loads_per_token"], slots, locality.get("sizes"))
+        loads_why = (f"the engine's cache policy, prefetcher off, replayed on the routing recorded in use, per layer, "
+                     f"over {reply['reply_tokens']}-token replies after {reply['prompt_tokens']}-token prompts")
+    load_s, load_why = stored_load_s(stored, device, read_mbps)
+    cache = sum(c * b for c, b in zip(slots, stored.slot_bytes))
+    peak = held + cache + MARGIN_BYTES
+    reasons = [f"does not fit whole: {format_bytes(whole)} > budget {format_bytes(budget)} -> offload experts, read "
+               f"straight from the GGUF in {types}",
+               f"cache: {slots_text(slots)} of {E} experts per layer ({sum(slots)} slots, {format_bytes(cache)}) after "
+               f"{format_bytes(held)} trunk + runtime + KV and the engine's headroom",
+               f"{loads:.1f} expert loads per token ({loads_why})",
+               "prefetch off: no replay of its guesses exists for a GGUF, and it only pays where CPUs are spare",
+               f"each load: {load_why}"]
+    compute_s, compute_why = stored_compute_s(stored, spec, device)
+    if compute_s is None:
+        reasons.append(f"speed unknown: {compute_why}")
+        return Plan(model_name, device.name, "offload", f"gguf:{types}", 4, budget, context, threads, slots, 0,
+                    int(peak), None, tuple(reasons), loads, load_s)
+    f_s, f_why = fixed_s(device.offload_layer_us, L, "the offload engine")
+    step = compute_s + f_s + loads * load_s
+    reasons.append(f"decode: weights {compute_why} + {f_why} + {loads * load_s * 1e3:.0f} ms loading -> "
+                   f"{1 / step:.2f} tokens/s")
+    return Plan(model_name, device.name, "offload", f"gguf:{types}", 4, budget, context, threads, slots, 0, int(peak),
+                1 / step, tuple(reasons), loads, load_s)
 
 
 def slots_text(slots: tuple[int, ...] | None) -> str:

@@ -22,6 +22,7 @@ from edge import _native as native
 from edge.errors import EdgeError
 from edge.hardware import default_threads
 from edge.moe.policies import DEFAULT_POLICY, Policy, ResidentSet
+from edge.moe.sizing import BATCH, LOGIT_ROWS, scratch_bytes
 from edge.quant.stack import LoadedStack
 from edge.runtime import ggml
 from edge.runtime.offload.experts import ExpertSource, Slot
@@ -63,7 +64,7 @@ class LayerCache:
         self.capacity, self.policy = capacity, policy
         self.resident = ResidentSet(capacity, policy)
         self.slot_bytes = source.slot_bytes(layer)
-        self.slots: list[Slot] = [source.new_slot(layer) for _ in range(capacity)]
+        self.slots: list[Slot] = source.new_slots(layer, capacity) if capacity else []
         self.bits_of: dict[int, int] = {}
         self.from_prefetch: set[int] = set()
 
@@ -120,7 +121,7 @@ class OffloadEngine:
         self._k = np.empty(shape, dtype=np.float32)
         self._v = np.empty(shape, dtype=np.float32)
         self.telemetry = Telemetry(layers=[LayerStats() for _ in range(s.n_layers)])
-        self._graph_mem = np.empty(_graph_bytes(s, self.batch), dtype=np.uint8)
+        self._graph_mem = np.empty(scratch_bytes(s, self.batch), dtype=np.uint8)
         for buf in (self._k, self._v, self._graph_mem, self._stack_scratch, *experts.staging_buffers()):
             buf.fill(0)  # fault the pages in now, so the memory measured after init is all of it
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch") if config.prefetch else None
@@ -372,18 +373,3 @@ class OffloadEngine:
             self.stack.close()
 
 
-BATCH = 512  # prompt tokens per forward pass, as llama.cpp's default n_batch
-LOGIT_ROWS = 64  # positions per output-matrix product when every position's logits are wanted
-
-
-def _graph_bytes(spec, batch: int = BATCH) -> int:
-    """Scratch for the largest ggml graph the engine builds: a batch's MoE layer (every routed
-    row's input, gate, up, product and output: K x (2D + 4F) floats per token), its attention
-    products, the shared expert, or LOGIT_ROWS rows of logits; plus 8 MiB for ggml's tensor and
-    graph overheads and the quantized copy of the activations its kernels make."""
-    D, F, K = spec.hidden_size, spec.expert_ffn_size, spec.top_k
-    moe = batch * K * (2 * D + 4 * F)
-    attn = batch * ((spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim + D)
-    shared = batch * (2 * D + 4 * spec.shared_expert_ffn_size)
-    logits = LOGIT_ROWS * (spec.vocab_size + D)
-    return 4 * max(moe, attn, shared, logits) + (8 << 20)

@@ -42,7 +42,8 @@ class ExpertSource(Protocol):
 
     def slot_bytes(self, layer: int) -> int: ...
 
-    def new_slot(self, layer: int) -> Slot: ...
+    def new_slots(self, layer: int, count: int) -> list[Slot]:
+        """``count`` slots for ``layer``, carved out of one allocation."""
 
     def load(self, layer: int, expert: int, bits: int, slot: Slot, who: str) -> int:
         """Bring expert ``expert`` of ``layer`` into ``slot``; returns the bytes read."""
@@ -73,14 +74,18 @@ class NestedExperts:
     def slot_bytes(self, layer: int) -> int:
         return self._slot
 
-    def new_slot(self, layer: int) -> Slot:
-        buf = np.zeros(self._slot, dtype=np.uint8)
-        ws, at = [], 0
-        for r, c in self.store.index.layout.shapes:
-            w = ggml.Weight(ggml.Q4_1, r, c, buffer=buf[at:])
-            ws.append(w)
-            at += w.nbytes
-        return Slot([buf], ws)
+    def new_slots(self, layer: int, count: int) -> list[Slot]:
+        block = np.zeros(count * self._slot, dtype=np.uint8)
+        slots = []
+        for k in range(count):
+            buf = block[k * self._slot : (k + 1) * self._slot]
+            ws, at = [], 0
+            for r, c in self.store.index.layout.shapes:
+                w = ggml.Weight(ggml.Q4_1, r, c, buffer=buf[at:])
+                ws.append(w)
+                at += w.nbytes
+            slots.append(Slot([buf], ws))
+        return slots
 
     def load(self, layer: int, expert: int, bits: int, slot: Slot, who: str) -> int:
         raw = self.store.read(layer, expert, bits, self._stage[who])
@@ -177,9 +182,20 @@ class GGUFExperts:
     def slot_bytes(self, layer: int) -> int:
         return sum(t.max_span for t in self.layers[layer])
 
-    def new_slot(self, layer: int) -> Slot:
-        bufs = [aligned_buffer(t.max_span) for t in self.layers[layer]]
-        return Slot(bufs, [ggml.Weight(t.gtype, t.rows, t.cols, buffer=b) for t, b in zip(self.layers[layer], bufs)])
+    def new_slots(self, layer: int, count: int) -> list[Slot]:
+        # One huge-page-backed block per layer (O_DIRECT reads into huge pages ran 2-2.6x faster
+        # here): a separate block per matrix would round each up to whole 2 MiB pages, +150% here.
+        trio = self.layers[layer]
+        per = sum(t.max_span for t in trio)  # every span is whole 4 KiB blocks: each buffer stays aligned
+        block = aligned_buffer(max(1, count * per))
+        slots = []
+        for k in range(count):
+            at, bufs = k * per, []
+            for t in trio:
+                bufs.append(block[at : at + t.max_span])
+                at += t.max_span
+            slots.append(Slot(bufs, [ggml.Weight(t.gtype, t.rows, t.cols, buffer=b) for t, b in zip(trio, bufs)]))
+        return slots
 
     def load(self, layer: int, expert: int, bits: int, slot: Slot, who: str) -> int:
         done = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from edge.errors import EdgeError
+from edge.hardware import spare_cpus
 from edge.moe.policies import DEFAULT_POLICY, POLICIES
 
 IO_MODES = ("auto", "direct", "buffered")
@@ -48,8 +49,11 @@ class OffloadOptions:
         return replace(base, **self.given())
 
     def resolved(self) -> "OffloadOptions":
-        """Every field set: unset ones take :data:`DEFAULTS`; pinned bits make ``min_bits = bits``."""
+        """Every field set: unset ones take :data:`DEFAULTS` (the prefetcher: on where there are spare
+        CPUs); pinned bits make ``min_bits = bits``."""
         full = self.over(DEFAULTS)
+        if full.prefetch is None:
+            full = replace(full, prefetch=spare_cpus())
         if full.pin_bits:
             full = replace(full, min_bits=full.bits)
         elif full.min_bits > full.bits:  # e.g. bits=2 alone: no bits below it to serve cold experts at
@@ -57,4 +61,6 @@ class OffloadOptions:
         return full
 
 
-DEFAULTS = OffloadOptions(policy=DEFAULT_POLICY, bits=4, min_bits=2, pin_bits=False, prefetch=True, io_mode="auto")
+# prefetch left unset: resolved() turns it on where spare CPUs can overlap its loads with the
+# compute (edge.hardware.spare_cpus)
+DEFAULTS = OffloadOptions(policy=DEFAULT_POLICY, bits=4, min_bits=2, pin_bits=False, io_mode="auto")
