@@ -13,6 +13,7 @@ Shapes in numpy order: D hidden, F expert FFN, E experts, V vocabulary.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,11 +152,16 @@ class HFSource:
 
 
 class GGUFSource:
+    """Reads go through ``os.pread`` and the pages are dropped after each tensor or expert: a
+    memory map of the source would keep every page it touched in the process's RSS (a 4.2 GB
+    source built at 5.2 GB RSS that way)."""
+
     def __init__(self, path: Path):
         from edge.formats.gguf_read import open_reader, read_spec
 
         self.path = Path(path)
         self.reader = open_reader(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
         self.spec: ModelSpec = read_spec(self.path, self.reader)
         self.tensors = {t.name: t for t in self.reader.tensors}
         from edge.runtime.offload.experts import expert_tensors
@@ -186,8 +192,20 @@ class GGUFSource:
                 raise UnsupportedModelError(f"{self.path.name}: tensor {t.name} is {t.tensor_type.name}, which edge does "
                                             f"not compute (supported: {', '.join(ggml.COMPUTABLE)})")
             plans.append(TensorPlan(t.name, tuple(reversed(t.shape)), int(t.tensor_type),
-                                    lambda t=t: np.array(t.bytes_of(self.reader))))
+                                    lambda t=t: self._read(t.data_offset, t.n_bytes)))
         return plans
+
+    def _read(self, offset: int, n: int) -> np.ndarray:
+        """``n`` bytes at ``offset``, read (not mapped), their page-cache pages given back."""
+        out = np.empty(n, np.uint8)
+        view, done = memoryview(out), 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise ModelFormatError(f"{self.path.name}: short read at {offset + done:,}")
+            done += got
+        os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_DONTNEED)
+        return out
 
     def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         from gguf.quants import dequantize
@@ -196,8 +214,7 @@ class GGUFSource:
             for e in range(self.spec.n_experts):
                 mats = []
                 for t in trio:
-                    start = t.offset + e * t.expert_bytes
-                    raw = self.reader.data[start : start + t.expert_bytes]
+                    raw = self._read(t.offset + e * t.expert_bytes, t.expert_bytes)
                     mats.append(np.asarray(dequantize(raw, t.gtype), np.float32).reshape(t.rows, t.cols))
                 yield i, e, mats
 
