@@ -197,8 +197,8 @@ def table(res: dict) -> list[str]:
         lines.append(f"nested bundle build: {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
                      f"cgroup peak {b['cgroup_peak_bytes'] / 2**20:.0f} MiB (page cache included)")
     pl = res["planned"]
-    if pl and pl["decode_tok_s"]:
-        ok = [r for r in res["rows"]["edge, straight from the GGUF"] if "failed" not in r]
+    ok = [r for r in res["rows"]["edge, straight from the GGUF"] if "failed" not in r]
+    if pl and pl["decode_tok_s"] and ok:
         got = med(ok, "decode_tok_s")
         loads = statistics.median(r["decode"]["loads"] / tokens for r in ok)
         lines.append(f"plan (edge plan {res['model']}.gguf --budget {res['cap'] / GiB:.2f}GiB): {pl['decode_tok_s']:.2f} "

@@ -30,16 +30,17 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
     from edge.sources import read_spec, resolve
 
     src = resolve(model)
-    if src.kind != "hf":
-        raise EdgeError("edge deploy builds from a Hugging Face checkpoint (or the embedded default model)")
+    if src.kind == "bundle":
+        raise EdgeError(f"{src.path} is already a bundle; deploy a checkpoint or a GGUF file")
     spec = read_spec(src)
     say("profiling the device")
     prof = _device(device)
     first = plan(spec, prof, budget_bytes=budget_bytes, context=context, model_name=src.name, backend=backend)
     out = Path(out or f"{src.name}-{first.backend}")
     say(f"building a {first.backend} bundle")
-    if first.backend == "llamacpp":
-        build(src.path, out, format="gguf", weight_type="q4_1", force=force, progress=say)
+    if first.backend == "llamacpp":  # a GGUF is bundled as it is; a checkpoint becomes Q4_1
+        build(src.path, out, format="gguf", weight_type=None if src.kind == "gguf" else "q4_1", force=force,
+              progress=say)
         final = first
     else:
         build(src.path, out, format="offload", force=force, progress=say)

@@ -137,3 +137,28 @@ def test_malformed_profile_names_the_field(tmp_path):
     bad.write_text("name: [unclosed")
     with pytest.raises(EdgeError, match="bad.yaml: not valid YAML"):
         load_device_file(bad)
+
+
+def test_a_gguf_read_from_the_file_is_planned_in_its_own_types(tmp_path):
+    """An offload plan for a GGUF prices its experts' aligned spans (no conversion), its products
+    at each type's measured rate, and sizes the cache with the engine's own per-layer slot bytes."""
+    from edge.formats.gguf_read import open_reader, read_spec, stored_experts
+
+    edge.build(None, tmp_path / "g", format="gguf", weight_type="q4_k_m")
+    path = tmp_path / "g" / "model.gguf"
+    reader = open_reader(path)
+    spec = read_spec(path, reader)
+    stored = stored_experts(reader, spec)
+    assert stored.types == "Q4_K/Q5_0/Q6_K" and stored.reads_per_load == 3
+    assert all(r % 4096 == 0 for r in stored.slot_bytes)  # whole aligned spans
+    fast = replace(THIS, gemv_types=(("Q4_K", 60.0), ("Q5_0", 60.0), ("Q6_K", 60.0), ("Q8_0", 60.0)))
+    slow = replace(THIS, gemv_types=(("Q4_K", 20.0), ("Q5_0", 20.0), ("Q6_K", 20.0), ("Q8_0", 20.0)))
+    budget = 400 << 20
+    a = plan(spec, fast, budget_bytes=budget, context=512, backend="offload", stored=stored)
+    b = plan(spec, slow, budget_bytes=budget, context=512, backend="offload", stored=stored)
+    assert a.backend == "offload" and a.weight_type == "gguf:Q4_K/Q5_0/Q6_K" and a.prefetch_layers == 0
+    assert a.predicted_decode_tok_s > b.predicted_decode_tok_s  # the measured per-type rates count
+    assert any("no checksum, no conversion" in r for r in a.reasons)
+    assert a.predicted_peak_bytes <= budget and min(a.cache_slots_per_layer) >= spec.top_k
+    with pytest.raises(EdgeError, match=r"needs .* with offloading from the GGUF .* budget is 10 MiB"):
+        plan(spec, fast, budget_bytes=10 << 20, context=512, backend="offload", stored=stored)

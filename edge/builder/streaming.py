@@ -90,7 +90,6 @@ def _spec_of(s, index, dense: Path):
 
 def _calibrate(tmp: Path, index, spec, tok_info: TokenizerInfo, text: Path | None, say: Progress) -> dict:
     """Route calibration text through the offload engine on the files just written."""
-    from edge.formats.gguf_read import open_reader
     from edge.hardware import default_threads
     from edge.runtime.offload import trunk as trunks
     from edge.runtime.offload.engine import OffloadConfig, OffloadEngine
@@ -99,7 +98,7 @@ def _calibrate(tmp: Path, index, spec, tok_info: TokenizerInfo, text: Path | Non
 
     encode_text = _encoder(tmp, tok_info)
     tokens = calibrate.calibration_tokens(encode_text, text)
-    trunk = trunks.from_gguf(tmp / "dense.gguf", open_reader(tmp / "dense.gguf"), spec)
+    trunk = trunks.load_gguf_trunk(tmp / "dense.gguf", spec)
     bits = np.full((spec.n_layers, spec.n_experts), min(4, index.layout.max_bits), dtype=np.int64)
     config = OffloadConfig(slots=(1,) * spec.n_layers, bits=bits, prefetch=False, threads=default_threads())
     engine = OffloadEngine(trunk, NestedExperts(ExpertStore(tmp / "experts.bin", index), prefetch=False), config,

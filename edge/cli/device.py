@@ -123,7 +123,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         out.print(f"   - {r}", markup=False)
 
 
-def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint; omit for the default model."),
+def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkpoint or GGUF file; omit for the default model."),
            device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile name."),
            budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
            context: int = typer.Option(2048, "--context", help="Context length to plan for."),

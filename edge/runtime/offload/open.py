@@ -41,9 +41,7 @@ def open_offload(bundle: Path, manifest, *, budget: int | None, options: Offload
     index = StoreIndex.from_dict(manifest.experts)
     stack = None
     if (bundle / "dense.gguf").is_file():  # streamed bundles: the trunk at the engine's precision already
-        from edge.formats.gguf_read import open_reader
-
-        trunk = trunks.from_gguf(bundle / "dense.gguf", open_reader(bundle / "dense.gguf"), spec)
+        trunk = trunks.load_gguf_trunk(bundle / "dense.gguf", spec)
     else:  # bundles of float dense weights (BitStack bundles, and bundles of earlier versions)
         dense_path = bundle / "dense.safetensors"
         dense = edge_weights.load(dense_path, spec, experts=False, stacked=manifest.bitstack is not None)
@@ -69,12 +67,12 @@ def open_gguf(path: Path, *, budget: int | None, options: OffloadOptions, n_ctx:
     reader = open_reader(path)
     spec = read_spec(path, reader)
     experts = GGUFExperts(path, expert_tensors(path, reader, spec), mode=options.io_mode)
+    del reader
     try:
-        trunk = trunks.from_gguf(path, reader, spec)
+        trunk = trunks.load_gguf_trunk(path, spec)
     except BaseException:
         experts.close()
         raise
-    del reader
     return _start(trunk, experts, locality or {}, None, budget=budget, options=options, n_ctx=n_ctx, threads=threads,
                   name=Path(path).stem)
 

@@ -136,16 +136,24 @@ def from_gguf(path: Path, reader, spec: ModelSpec) -> Trunk:
     embed = mat("token_embd.weight")
     lm_head = mat("output.weight") if "output.weight" in tensors else embed
     types = sorted({tensors[n].tensor_type.name for n in names if len(tensors[n].shape) > 1})
-    _drop_pages(path, [tensors[n] for n in names])
     return Trunk(spec, embed, vec("output_norm.weight"), lm_head, layers, "GGUF types " + ", ".join(types))
 
 
-def _drop_pages(path: Path, infos) -> None:
-    """The trunk's tensors were read through the page cache once; give those pages back (inside a
-    memory-limited cgroup they count against the budget)."""
+def load_gguf_trunk(path: Path, spec: ModelSpec) -> Trunk:
+    """:func:`from_gguf` on its own reader, which is then released, and the file's pages given back
+    to the kernel: a page cache full of the trunk's tensors counts against a cgroup's budget (on
+    model B, 1.18 GB of footprint beside 650 MB of RSS), and pages still mapped cannot be dropped."""
+    import gc
+
+    from edge.formats.gguf_read import open_reader
+
+    reader = open_reader(path)
+    trunk = from_gguf(path, reader, spec)
+    del reader
+    gc.collect()
     fd = os.open(path, os.O_RDONLY)
     try:
-        for t in infos:
-            os.posix_fadvise(fd, t.data_offset, t.n_bytes, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    return trunk
