@@ -3,6 +3,7 @@ best setting, inside one cgroup-v1 memory cap, in one run.
 
     sudo python bench/realshape.py                   # models B then A; builds inputs once into --root
     sudo python bench/realshape.py --models B --runs 3
+    sudo python bench/realshape.py --models C --systems gguf   # the planner's error on an untuned shape
 
 Models (bench/moe_gguf.py, random weights quantized by ggml at llama.cpp's Q4_K_M mix): A has
 Qwen3-30B-A3B's exact shape (17.3 GiB), capped at 8 GiB; B has OLMoE-1B-7B's (3.9 GiB), capped at
@@ -47,16 +48,18 @@ GiB = 1 << 30
 LLAMA_MODES = [dict(load_mode=lm, lazy_mode=lz, extra_bufts=eb)
                for lm, lz, eb in itertools.product(("mmap", "none", "direct_io"), ("off", "auto", "on"), (False, True))
                if lm == "mmap" or lz == "off"]  # lazy reading needs mmap (llama.h)
+SYSTEMS = frozenset({"llamacpp", "gguf", "bundle"})
 
 
-def ensure_inputs(root: Path, model: str) -> tuple[Path, Path, dict]:
-    """The model's GGUF and its nested bundle (built once), with what building the bundle cost."""
+def ensure_inputs(root: Path, model: str, *, bundle_too: bool = True) -> tuple[Path, Path, dict]:
+    """The model's GGUF and (``bundle_too``) its nested bundle, each built once, with what building
+    the bundle cost."""
     gguf = root / f"{model}-q4_k_m.gguf"
     if not gguf.is_file():
         moe_gguf.write_model(gguf, model)
     bundle = root / f"{model}-offload"
     stats_file = root / f"{model}-offload.build.json"
-    if not (bundle / "manifest.json").is_file():
+    if bundle_too and not (bundle / "manifest.json").is_file():
         t0 = time.time()
         with MemoryCap(None) as group:
             p = group.run(["/usr/bin/time", "-v", sys.executable, "-m", "edge.cli", "build", str(gguf), "-o",
@@ -150,29 +153,35 @@ def med(results: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
-def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int, say) -> dict:
-    gguf, bundle, build = ensure_inputs(root, model)
+def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int, say,
+                systems: frozenset[str] = SYSTEMS) -> dict:
+    gguf, bundle, build = ensure_inputs(root, model, bundle_too="bundle" in systems)
     size = gguf.stat().st_size
     cap = 8 * GiB if model == "A" else int(0.4 * size)
     disk = disk_mbps(gguf)
     rows: dict[str, list[dict]] = {}
-    for mode in LLAMA_MODES:
-        name = f"llama.cpp {mode['load_mode']}, lazy {mode['lazy_mode']}, extra bufts {'on' if mode['extra_bufts'] else 'off'}"
-        r = run("llamacpp", gguf, cap, tokens, threads, mode)
-        rows[name] = [r]
-        say(f"{model} {name}: {r.get('decode_tok_s', r.get('failed'))}")
-    ok = {n: r[0]["decode_tok_s"] for n, r in rows.items() if "failed" not in r[0]}
-    best = max(ok, key=ok.get) if ok else None
-    if best:
-        mode = LLAMA_MODES[list(rows).index(best)]
-        rows[best] += [run("llamacpp", gguf, cap, tokens, threads, mode) for _ in range(runs - 1)]
-    edge_systems = {"edge, straight from the GGUF": (gguf, {"memory_budget": cap, "backend": "offload"}),
-                    "edge, nested bundle from the GGUF": (bundle, {"memory_budget": cap})}
-    for name, (path, opts) in edge_systems.items():
-        rows[name] = [run("edge", path, cap, tokens, threads, dict(opts)) for _ in range(runs)]
-        say(f"{model} {name}: {[r.get('decode_tok_s', r.get('failed')) for r in rows[name]]}")
+    best = None
+    if "llamacpp" in systems:
+        for mode in LLAMA_MODES:
+            name = (f"llama.cpp {mode['load_mode']}, lazy {mode['lazy_mode']}, "
+                    f"extra bufts {'on' if mode['extra_bufts'] else 'off'}")
+            r = run("llamacpp", gguf, cap, tokens, threads, mode)
+            rows[name] = [r]
+            say(f"{model} {name}: {r.get('decode_tok_s', r.get('failed'))}")
+        ok = {n: r[0]["decode_tok_s"] for n, r in rows.items() if "failed" not in r[0]}
+        best = max(ok, key=ok.get) if ok else None
+        if best:
+            mode = LLAMA_MODES[list(rows).index(best)]
+            rows[best] += [run("llamacpp", gguf, cap, tokens, threads, mode) for _ in range(runs - 1)]
+    edge_systems = {"edge, straight from the GGUF": ("gguf", gguf, {"memory_budget": cap, "backend": "offload"}),
+                    "edge, nested bundle from the GGUF": ("bundle", bundle, {"memory_budget": cap})}
+    for name, (key, path, opts) in edge_systems.items():
+        if key in systems:
+            rows[name] = [run("edge", path, cap, tokens, threads, dict(opts)) for _ in range(runs)]
+            say(f"{model} {name}: {[r.get('decode_tok_s', r.get('failed')) for r in rows[name]]}")
     return {"model": model, "size": size, "cap": cap, "disk_mbps": disk, "rows": rows, "best": best, "build": build,
-            "agreement": agreement(gguf, cap), "planned": planned(gguf, cap), "tokens": tokens, "runs": runs}
+            "agreement": agreement(gguf, cap) if "llamacpp" in systems else None, "planned": planned(gguf, cap),
+            "tokens": tokens, "runs": runs, "systems": sorted(systems)}
 
 
 def table(res: dict) -> list[str]:
@@ -198,15 +207,16 @@ def table(res: dict) -> list[str]:
                      f"{statistics.median(r['peak'] for r in ok) / 2**20:10.0f} "
                      f"{statistics.median(r['peak_rss'] for r in ok) / 2**20:8.0f} {bound:16.2f} {tok_s / bound:8.0%}")
     a = res["agreement"]
-    lines.append(f"baseline: {res['best']}; teacher-forced agreement with llama.cpp over {a['positions']} positions: "
-                 f"top-1 {a['top1']:.1%}, mean KL {a['kl']:.2e} nats (llama.cpp with itself, batched against one "
-                 f"token at a time: {a['llamacpp_self_top1']:.1%}, {a['llamacpp_self_kl']:.2e})")
+    if a:
+        lines.append(f"baseline: {res['best']}; teacher-forced agreement with llama.cpp over {a['positions']} positions: "
+                     f"top-1 {a['top1']:.1%}, mean KL {a['kl']:.2e} nats (llama.cpp with itself, batched against "
+                     f"one token at a time: {a['llamacpp_self_top1']:.1%}, {a['llamacpp_self_kl']:.2e})")
     if res["build"]:
         b = res["build"]
         lines.append(f"nested bundle build: {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
                      f"cgroup peak {b['cgroup_peak_bytes'] / 2**20:.0f} MiB (page cache included)")
     pl = res["planned"]
-    ok = [r for r in res["rows"]["edge, straight from the GGUF"] if "failed" not in r]
+    ok = [r for r in res["rows"].get("edge, straight from the GGUF", []) if "failed" not in r]
     if pl and pl["decode_tok_s"] and ok:
         got = med(ok, "decode_tok_s")
         loads = statistics.median(r["decode"]["loads"] / tokens for r in ok)
@@ -224,21 +234,27 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--systems", default=",".join(sorted(SYSTEMS)),
+                    help="which of llamacpp (every combination, then agreement), gguf (edge from the file), bundle "
+                         "(edge from the nested bundle, built first) to run; the plan is always made")
     args = ap.parse_args()
+    systems = frozenset(args.systems.split(","))
+    if not systems <= SYSTEMS:
+        sys.exit(f"error: --systems takes {', '.join(sorted(SYSTEMS))}; got {args.systems}")
     if os.geteuid() != 0:
         sys.exit("error: needs root (cgroup memory limits and drop_caches)")
     args.root.mkdir(parents=True, exist_ok=True)
     results = {}
     for model in args.models.split(","):
         results[model] = bench_model(model, args.root, args.runs, args.tokens, args.threads,
-                                     lambda msg: print(msg, file=sys.stderr, flush=True))
+                                     lambda msg: print(msg, file=sys.stderr, flush=True), systems)
         (args.root / f"{model}-results.json").write_text(json.dumps(results[model], indent=1, default=str))
         print("\n".join(table(results[model])), flush=True)
         print(flush=True)
     if "A" in results:
         r = results["A"]
         base = med(r["rows"][r["best"]], "decode_tok_s") if r["best"] else None
-        got = med(r["rows"]["edge, straight from the GGUF"], "decode_tok_s")
+        got = med(r["rows"].get("edge, straight from the GGUF", []), "decode_tok_s")
         print(f"realshape_ratio={got / base:.2f}" if got and base else "realshape_ratio=nan")
 
 
