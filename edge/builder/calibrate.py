@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.errors import EdgeError
-from edge.moe.trace import RoutingTrace, TraceRecorder
+from edge.moe.trace import RoutingTrace, record_trace
 from edge.runtime.offload.prefetch import prefetch_guess
 
 CALIBRATION_TOKENS = 2048
@@ -46,7 +46,6 @@ def engine_routing(engine, tokens: Sequence[int], *, window: int = WINDOW,
     """The engine's routing of ``tokens`` in windows of ``window`` (each from a fresh context) and,
     per layer, the prefetcher's guess for every token [T, K]."""
     s = engine.spec
-    rec = TraceRecorder(s.n_layers, s.n_experts)
     guesses: list[list[list[int]]] = [[] for _ in range(s.n_layers)]
 
     def on_stream(i: int, x: np.ndarray) -> None:
@@ -55,15 +54,5 @@ def engine_routing(engine, tokens: Sequence[int], *, window: int = WINDOW,
             guesses[i] += [prefetch_guess(x[t : t + 1], lw.ffn_norm, lw.router, s.rms_norm_eps, s.top_k)
                            for t in range(len(x))]
 
-    engine.route_observers.append(rec)
-    engine.stream_observers.append(on_stream)
-    try:
-        for start in range(0, len(tokens), window):
-            engine.truncate(0)
-            engine.eval(list(tokens[start : start + window]))
-            if progress:
-                progress(min(len(tokens), start + window), len(tokens))
-    finally:
-        engine.route_observers.remove(rec)
-        engine.stream_observers.remove(on_stream)
-    return rec.trace(source="calibration"), [np.asarray(g) for g in guesses]
+    trace = record_trace(engine, tokens, window=window, progress=progress, on_stream=on_stream, source="calibration")
+    return trace, [np.asarray(g) for g in guesses]

@@ -107,12 +107,16 @@ class TraceRecorder:
 
 
 def record_trace(engine, tokens: Sequence[int], *, window: int = 512,
-                 progress: Callable[[int, int], None] | None = None, **meta) -> RoutingTrace:
-    """Run ``tokens`` through a reference engine in windows of ``window`` tokens (each from a fresh
-    context, as perplexity is measured) and return every routing decision."""
+                 progress: Callable[[int, int], None] | None = None,
+                 on_stream: Callable[[int, np.ndarray], None] | None = None, **meta) -> RoutingTrace:
+    """Run ``tokens`` through an engine (reference or offload) in windows of ``window`` tokens
+    (each from a fresh context, as perplexity is measured) and return every routing decision.
+    ``on_stream``: also called with each layer's residual stream (the engine's stream observers)."""
     spec = engine.spec
     rec = TraceRecorder(spec.n_layers, spec.n_experts)
     engine.route_observers.append(rec)
+    if on_stream is not None:
+        engine.stream_observers.append(on_stream)
     try:
         for start in range(0, len(tokens), window):
             engine.truncate(0)
@@ -121,4 +125,6 @@ def record_trace(engine, tokens: Sequence[int], *, window: int = 512,
                 progress(min(len(tokens), start + window), len(tokens))
     finally:
         engine.route_observers.remove(rec)
+        if on_stream is not None:
+            engine.stream_observers.remove(on_stream)
     return rec.trace(**meta)

@@ -68,6 +68,25 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> n
     return out.reshape(H, T, Dh).transpose(1, 0, 2).reshape(T, H * Dh)
 
 
+def attend_cached(spec, lw, q: np.ndarray, k: np.ndarray, v: np.ndarray, k_cache: np.ndarray,
+                  v_cache: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """One layer's attention from its projections q, k, v [T, heads x head_dim] (biases, per-head
+    norms and RoPE applied here; ``lw`` has bq/bk/bv, q_norm/k_norm): the new keys and values are
+    written into the layer's caches [G, S, Dh] at positions start.., and the heads attend over
+    everything up to them -> [T, H * Dh], before the output projection. Shared by every engine."""
+    T, H, G, Dh = q.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
+    if lw.bq is not None:
+        q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
+    q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
+    if lw.q_norm is not None:
+        q, k = rms_norm(q, lw.q_norm, spec.rms_norm_eps), rms_norm(k, lw.k_norm, spec.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    end = start + T
+    k_cache[:, start:end] = k.transpose(1, 0, 2)
+    v_cache[:, start:end] = v.transpose(1, 0, 2)
+    return attend(q, k_cache[:, :end], v_cache[:, :end], start)
+
+
 def route(x: np.ndarray, router: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Softmax over the router logits, keep the top k. x [T, D] -> ids [T, K], weights [T, K]."""
     probs = softmax(x @ router.T)  # [T, E]
@@ -142,21 +161,10 @@ class ReferenceEngine:
 
     # -- layers -----------------------------------------------------------------------------
     def _attention(self, i: int, lw: LayerWeights, x: np.ndarray, cos, sin) -> np.ndarray:
-        s = self.spec
-        T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
         for observe in self.input_observers:
             observe(i, "wq", x)
-        q, k, v = x @ lw.wq.T, x @ lw.wk.T, x @ lw.wv.T
-        if lw.bq is not None:
-            q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
-        q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
-        if lw.q_norm is not None:
-            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start, end = self.n_past, self.n_past + T
-        self._k[i, :, start:end] = k.transpose(1, 0, 2)
-        self._v[i, :, start:end] = v.transpose(1, 0, 2)
-        att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
+        att = attend_cached(self.spec, lw, x @ lw.wq.T, x @ lw.wk.T, x @ lw.wv.T, self._k[i], self._v[i], self.n_past,
+                            cos, sin)
         for observe in self.input_observers:
             observe(i, "wo", att)
         return att @ lw.wo.T

@@ -28,7 +28,7 @@ from edge.runtime import ggml
 from edge.runtime.offload.experts import ExpertSource, Slot
 from edge.runtime.offload.prefetch import prefetch_guess
 from edge.runtime.offload.trunk import LayerTrunk, Trunk
-from edge.runtime.reference import apply_rope, attend, rms_norm, rope_inv_freq, rope_tables, route
+from edge.runtime.reference import attend_cached, rms_norm, rope_inv_freq, rope_tables, route
 
 log = logging.getLogger(__name__)
 
@@ -248,24 +248,13 @@ class OffloadEngine:
         return np.concatenate(out)
 
     def _attention(self, i: int, lw: LayerTrunk, x: np.ndarray, cos, sin) -> np.ndarray:
-        s = self.spec
-        T, H, G, Dh = x.shape[0], s.n_heads, s.n_kv_heads, s.head_dim
         if isinstance(lw.wq, int):  # a stack index: rebuilt from its blocks
             q, k, v = (self._stacked(getattr(lw, name), x) for name in ("wq", "wk", "wv"))
         else:
             g = ggml.Graph(buffer=self._graph_mem)
             xi = g.input(x)
             q, k, v = g.compute([g.matmul(lw.wq, xi), g.matmul(lw.wk, xi), g.matmul(lw.wv, xi)], self.threads)
-        if lw.bq is not None:
-            q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
-        q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
-        if lw.q_norm is not None:
-            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start, end = self.n_past, self.n_past + T
-        self._k[i, :, start:end] = k.transpose(1, 0, 2)
-        self._v[i, :, start:end] = v.transpose(1, 0, 2)
-        att = attend(q, self._k[i, :, :end], self._v[i, :, :end], start)
+        att = attend_cached(self.spec, lw, q, k, v, self._k[i], self._v[i], self.n_past, cos, sin)
         if isinstance(lw.wo, int):
             return self._stacked(lw.wo, att)
         g = ggml.Graph(buffer=self._graph_mem)

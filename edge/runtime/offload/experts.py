@@ -24,7 +24,7 @@ from edge.errors import ModelFormatError, UnsupportedModelError
 from edge.memory import DIRECT_IO_ALIGN, aligned_buffer
 from edge.quant.nested import q4_1_bytes, to_q4_1
 from edge.runtime import ggml
-from edge.runtime.offload.store import ExpertStore, warn_buffered
+from edge.runtime.offload.store import ExpertStore, open_for_reads
 
 log = logging.getLogger(__name__)
 WHO = ("main", "io")  # the decode thread and the prefetch thread each have their own staging buffers
@@ -161,23 +161,7 @@ class GGUFExperts:
     def __init__(self, path: Path, layers: list[tuple[ExpertTensor, ExpertTensor, ExpertTensor]], *,
                  mode: str = "auto"):
         self.path, self.layers = Path(path), layers
-        self.mode, self._fd = mode, -1
-        if mode in ("auto", "direct"):
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                probe = aligned_buffer(DIRECT_IO_ALIGN, huge=False)
-                os.preadv(self._fd, [probe], 0)
-                self.mode = "direct"
-            except OSError as e:
-                if self._fd >= 0:
-                    os.close(self._fd)
-                self._fd = -1
-                if mode == "direct":
-                    raise
-                warn_buffered(self.path, e)
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self.mode = "buffered"
+        self._fd, self.mode = open_for_reads(self.path, mode)
 
     def slot_bytes(self, layer: int) -> int:
         return sum(t.max_span for t in self.layers[layer])

@@ -32,28 +32,8 @@ class ExpertStore:
         size = self.path.stat().st_size
         if size < index.file_bytes:
             raise BundleError(f"expert store {self.path.name} is {size:,} bytes; its index needs {index.file_bytes:,}")
-        self.mode = mode
-        self._fd = -1
-        if mode in ("auto", "direct"):
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                self.mode = "direct"
-                self._probe()
-            except OSError as e:
-                if self._fd >= 0:
-                    os.close(self._fd)
-                self._fd = -1
-                if mode == "direct":
-                    raise
-                warn_buffered(self.path, e)
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self.mode = "buffered"
+        self._fd, self.mode = open_for_reads(self.path, mode)
         self.bytes_read = 0
-
-    def _probe(self) -> None:
-        buf = aligned_buffer(DIRECT_IO_ALIGN, huge=False)
-        os.preadv(self._fd, [buf], 0)
 
     def read_bytes(self, bits: int) -> int:
         """Bytes one read of a ``bits``-bit expert transfers (rounded to whole 4 KiB blocks)."""
@@ -88,6 +68,26 @@ class ExpertStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def open_for_reads(path: Path, mode: str) -> tuple[int, str]:
+    """A descriptor for expert reads and its mode: "direct" (O_DIRECT, proved by one aligned read,
+    as some file systems accept the flag and fail the read) where ``mode`` is auto or direct and the
+    file system allows it; else "buffered" (said once, see :func:`warn_buffered`). ``mode`` direct
+    raises instead of falling back."""
+    if mode in ("auto", "direct"):
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            os.preadv(fd, [aligned_buffer(DIRECT_IO_ALIGN, huge=False)], 0)
+            return fd, "direct"
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            if mode == "direct":
+                raise
+            warn_buffered(path, e)
+    return os.open(path, os.O_RDONLY), "buffered"
 
 
 _warned: set[str] = set()
