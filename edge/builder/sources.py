@@ -60,6 +60,7 @@ class HFSource:
         self.config = hf.read_config(self.path)
         self.infos = hf.tensor_index(self.path)
         self.spec: ModelSpec = hf.spec_from_config(self.config, self.infos)
+        self._get = hf.CheckpointTensors(self.path, self.infos)
 
     @property
     def source_bytes(self) -> int:
@@ -68,14 +69,6 @@ class HFSource:
     def largest_tensor_bytes(self) -> int:
         """The largest tensor as float32 (what reading it one at a time holds at once)."""
         return max(int(np.prod(i.shape, dtype=np.int64)) * 4 for i in self.infos.values())
-
-    def _get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        info = self.infos.get(name)
-        if info is None:
-            raise ModelFormatError(f"{self.path}: checkpoint lacks tensor {name}")
-        if tuple(info.shape) != tuple(shape):
-            raise ModelFormatError(f"{self.path}: tensor {name} has shape {list(info.shape)}, config implies {list(shape)}")
-        return st.load(info)
 
     def _moe_prefix(self, i: int) -> str:
         moe = f"model.layers.{i}.block_sparse_moe"

@@ -135,7 +135,10 @@ def read_spec(model_dir: Path) -> ModelSpec:
     return spec_from_config(cfg, tensor_index(model_dir))
 
 
-class _Tensors:
+class CheckpointTensors:
+    """A checkpoint's tensors by name, each read (as float32) only when asked for, its shape checked
+    against what the config implies."""
+
     def __init__(self, model_dir: Path, infos: dict[str, st.TensorInfo]):
         self.dir, self.infos = model_dir, infos
 
@@ -154,7 +157,7 @@ class _Tensors:
         return self(name, shape) if name in self.infos else None
 
 
-def _experts(t: _Tensors, s: ModelSpec, p: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _experts(t: CheckpointTensors, s: ModelSpec, p: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     E, F, D = s.n_experts, s.expert_ffn_size, s.hidden_size
     if t.has(f"{p}.experts.gate_up_proj"):  # transformers 5 fused layout
         gate_up = t(f"{p}.experts.gate_up_proj", (E, 2 * F, D))
@@ -175,7 +178,7 @@ def load_weights(model_dir: Path) -> ModelWeights:
     cfg = read_config(model_dir)
     infos = tensor_index(model_dir)
     s = spec_from_config(cfg, infos)
-    t = _Tensors(model_dir, infos)
+    t = CheckpointTensors(model_dir, infos)
     D, V, Dh = s.hidden_size, s.vocab_size, s.head_dim
     q_dim, kv_dim = s.n_heads * Dh, s.n_kv_heads * Dh
     embed = t("model.embed_tokens.weight", (V, D))
