@@ -11,6 +11,7 @@ from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
 from edge.formats.bundle import Progress, TokenizerInfo
 from edge.formats.weights import ModelWeights
+from edge.hardware import default_threads
 from edge.moe.locality import sch
 from edge.moe.policies import DEFAULT_POLICY
 from edge.moe.simulate import simulate, simulate_engine, simulate_replies
@@ -24,6 +25,7 @@ from edge.runtime.tokenizer import HFTokenizer
 CALIBRATION_TOKENS = 2048
 LOCALITY_WINDOW = 16  # SCH window for cache sizing: the horizon a decode-time cache lives in
 REPLY = (24, 64)  # (prompt, reply) tokens of the short replies whose expert loads the planner predicts
+PARALLEL_REPLAYS = 1 << 20  # token x layer x size replays beyond which layers replay in a process pool
 
 
 def calibration_tokens(tokenizer: HFTokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
@@ -73,33 +75,53 @@ def locality_from(trace, guesses, window: int = LOCALITY_WINDOW) -> dict:
     online policy's hit rates, and the offload engine's expert loads per token (prefetch included
     and not) replayed in steady use and over short replies, at the cache sizes of
     :func:`cache_sizes` (``sizes``). ``guesses`` None (routing recorded in use, which has no
-    prefetcher guesses): the replays are of the engine with prefetching off."""
+    prefetcher guesses): the replays are of the engine with prefetching off. Layers replay in
+    parallel processes when there is much to replay (model A's 48 layers x 24 sizes x 4 replays of
+    2,048 tokens: ~20 min on one core)."""
     E, K, L = trace.n_experts, trace.top_k, trace.n_layers
     if guesses is None:
         guesses = [None] * L
     sizes = cache_sizes(E, K)
-    curves = [sch(trace.layer(i), E, window).round(5).tolist() for i in range(L)]
-    # What the engine's default online policy achieves (first uses count as misses): the planner
-    # predicts expert loads per token from this, not from SCH's future-knowledge ceiling.
-    online = [round(float(np.mean([simulate(trace.layer(i), E, c, DEFAULT_POLICY) for i in range(L)])), 5) for c in sizes]
+    tasks = [(trace.layer(i), None if guesses[i] is None else np.asarray(guesses[i]), E, sizes) for i in range(L)]
+    workers = min(default_threads(), L)
+    if workers > 1 and trace.n_tokens * L * len(sizes) >= PARALLEL_REPLAYS:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the calling process may hold ggml and I/O threads, which fork would copy mid-state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            layers = list(pool.map(_layer_replays, *zip(*tasks)))
+    else:
+        layers = [_layer_replays(*t) for t in tasks]
+    # the online policy's hit rate (first uses count as misses), layer mean: the planner predicts
+    # expert loads per token from this, not from SCH's future-knowledge ceiling
+    online = [round(float(np.mean([x["online"][j] for x in layers])), 5) for j in range(len(sizes))]
     # per layer, for each cache size: the engine sizes caches per layer (allocate_slots), so the
     # planner sums the layers' loads at the sizes the engine will pick
-    per_layer = [[round(_steady(trace.layer(i), guesses[i], E, c), 4) for c in sizes] for i in range(L)]
+    per_layer = [x["steady"] for x in layers]
     loads = [round(sum(row[j] for row in per_layer), 4) for j in range(len(sizes))]
-    # ... and over short replies, each from a freshly loaded engine (warm-up after the prompt included)
     prompt, reply = REPLY
-
-    def replies(g) -> list[list[float]]:  # g None: prefetching off
-        return [[round(simulate_replies(trace.layer(i), None if g is None else g[i], E, c, DEFAULT_POLICY, prompt,
-                                        reply), 4) for c in sizes] for i in range(L)]
-
     return {"sizes": sizes, "policy": DEFAULT_POLICY,
             "reply": {"prompt_tokens": prompt, "reply_tokens": reply,
-                      "layer_loads_per_token": replies(None if guesses[0] is None else guesses),
-                      "layer_demand_loads_per_token": replies(None)},
-            "window": window, "tokens": trace.n_tokens, "sch": curves, "policy_hit": online,
+                      "layer_loads_per_token": [x["replies"] for x in layers],
+                      "layer_demand_loads_per_token": [x["demand_replies"] for x in layers]},
+            "window": window, "tokens": trace.n_tokens,
+            "sch": [sch(trace.layer(i), E, window).round(5).tolist() for i in range(L)], "policy_hit": online,
             "loads_per_token": loads, "layer_loads_per_token": per_layer,
             "hotness": trace.hotness().round(5).tolist()}
+
+
+def _layer_replays(ids: np.ndarray, guesses: np.ndarray | None, n_experts: int, sizes: list[int]) -> dict:
+    """One layer's replays at every cache size: the online policy's hit rate, loads per token in
+    steady use, and over short replies (each from a freshly loaded engine, warm-up after the prompt
+    included) with the prefetcher's guesses (None: off) and without."""
+    prompt, reply = REPLY
+    return {"online": [simulate(ids, n_experts, c, DEFAULT_POLICY) for c in sizes],
+            "steady": [round(_steady(ids, guesses, n_experts, c), 4) for c in sizes],
+            "replies": [round(simulate_replies(ids, guesses, n_experts, c, DEFAULT_POLICY, prompt, reply), 4)
+                        for c in sizes],
+            "demand_replies": [round(simulate_replies(ids, None, n_experts, c, DEFAULT_POLICY, prompt, reply), 4)
+                               for c in sizes]}
 
 
 def _steady(ids, guesses, n_experts: int, capacity: int) -> float:

