@@ -91,11 +91,13 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
 
         locality = read_manifest(src.path).locality
     if device == "auto":
-        from edge.device.profile import at_bundle, cached_profile
+        from edge.device.profile import at_bundle, at_gguf, cached_profile
 
         prof = cached_profile()
         if locality is not None and src.kind == "bundle":  # an offload bundle here: time reads of its own store
             prof = at_bundle(prof, src.path)
+        elif stored is not None:  # a MoE GGUF here: time the engine's reads of its experts in the file
+            prof = at_gguf(prof, src.path)
     else:
         from edge.device.profiles import device_profile
 

@@ -173,23 +173,26 @@ def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4
                                 seconds: float = 2.0) -> dict[int, float | None]:
     """How much dearer an expert load is inside the offload engine than the sum of its probed steps
     (read, checksum, conversion, each timed alone on the bundle's store), for each of ``bits``:
-    the engine, loaded once, decodes with the smallest cache (top-k slots per layer, so loads
-    dominate) at each bit width for ~``seconds``, and the time its loads took — the step time less
-    the planner's compute terms — is divided by what the steps predict. On this VM ~1.0-1.5
+    :func:`measure_engine_loading`, then :func:`engine_load_factors`. On this VM ~1.0-1.5
     (docs/planner.md): the steps timed alone run on warm buffers and caches that the engine's
     loads, between layers of compute, do not find. None for a width when loads are too small a
     share of the step to tell; all None when the device has no GEMV rate to take the compute out."""
+    if not device.gemv_q4_gflops or not (device.storage_chunk_read_mbps or device.storage_seq_read_mbps):
+        return {b: None for b in bits}
+    return engine_load_factors(bundle, device, measure_engine_loading(bundle, bits, seconds))
+
+
+def measure_engine_loading(bundle: Path, bits: tuple[int, ...] = (4, 2),
+                           seconds: float = 2.0) -> dict[int, tuple[float, float]]:
+    """The offload engine on ``bundle``, loaded once, decoding with the smallest cache (top-k slots
+    per layer, so loads dominate) at each of ``bits`` for ~``seconds``: {bits: (seconds per token,
+    expert loads per token)}."""
     from edge.formats.bundle import read_manifest
 
     spec = read_manifest(bundle).spec
-    read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
-    if not device.gemv_q4_gflops or not read_mbps:
-        return {b: None for b in bits}
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     slots = (K,) * L
-    weights_s, _, fixed_s, _ = offload_compute_s(spec, device, slots, gemv_stream_bps(device.gemv_q4_gflops))
-    alone = dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None)
-    factors: dict[int, float | None] = {}
+    out: dict[int, tuple[float, float]] = {}
     # prefetch off: every load is a demand load on the main thread, as plans run (edge/plan/planner.py)
     be, tok = open_engine(bundle, OffloadOptions(pin_bits=True, prefetch=False), n_ctx=128)
     try:
@@ -204,14 +207,60 @@ def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4
             while n < 3 or (n < 16 and time.perf_counter() - t0 < seconds):
                 logits = be.eval([int(np.argmax(logits))])
                 n += 1
-            per_token = (time.perf_counter() - t0) / n
-            per_token_loads = (be.metrics()["expert_loads"] - before) / n
-            loading = per_token - weights_s - fixed_s
-            ok = per_token_loads > 0 and loading >= 0.3 * per_token
-            factors[b] = loading / per_token_loads / expert_load_s(spec, alone, b, read_mbps)[0] if ok else None
+            out[b] = ((time.perf_counter() - t0) / n, (be.metrics()["expert_loads"] - before) / n)
     finally:
         be.close()
+    return out
+
+
+def engine_load_factors(bundle: Path, device, measured: dict[int, tuple[float, float]]) -> dict[int, float | None]:
+    """Each width's factor from :func:`measure_engine_loading`'s numbers: the time the loads took
+    (the step less the planner's compute terms for the smallest cache) per load, over what the
+    device's probed steps predict for one."""
+    from edge.formats.bundle import read_manifest
+
+    spec = read_manifest(bundle).spec
+    read_mbps = device.storage_chunk_read_mbps or device.storage_seq_read_mbps
+    weights_s, _, fixed_s, _ = offload_compute_s(spec, device, (spec.top_k,) * spec.n_layers,
+                                                 gemv_stream_bps(device.gemv_q4_gflops))
+    alone = dataclasses.replace(device, engine_load_factor=None, engine_load_factor_2bit=None)
+    factors: dict[int, float | None] = {}
+    for b, (per_token, per_token_loads) in measured.items():
+        loading = per_token - weights_s - fixed_s
+        ok = per_token_loads > 0 and loading >= 0.3 * per_token
+        factors[b] = loading / per_token_loads / expert_load_s(spec, alone, b, read_mbps)[0] if ok else None
     return factors
+
+
+def gguf_load_costs(path: Path, loads: int = 96, seed: int = 0) -> dict[str, float] | None:
+    """What one expert load costs on a MoE GGUF itself, as the offload engine does it (its
+    GGUFExperts: the 4 KiB-aligned spans of an expert's three matrices, O_DIRECT, into a slot), at
+    ``loads`` random (layer, expert) pairs: {"read_mbps": bytes over seconds, "latency_ms": 0,
+    "reads_per_load": 3}. The model's own file on its own disk: the profile's probe file sits in
+    edge's cache folder, which may be another disk, and a file written just now may still be in a
+    virtual machine's host cache. None where O_DIRECT is refused (buffered reads hit the page
+    cache after the first touch, so their speed is not the load's)."""
+    from edge.formats.gguf_read import open_reader, read_spec
+    from edge.runtime.offload.experts import GGUFExperts, expert_tensors
+
+    reader = open_reader(path)
+    spec = read_spec(path, reader)
+    experts = GGUFExperts(path, expert_tensors(path, reader, spec), mode="auto")
+    del reader
+    try:
+        if experts.mode != "direct":
+            return None
+        rng = np.random.default_rng(seed)
+        pairs = [(int(rng.integers(spec.n_layers)), int(rng.integers(spec.n_experts))) for _ in range(loads)]
+        slots = {i: experts.new_slots(i, 1)[0] for i in sorted({i for i, _ in pairs})}
+        experts.load(*pairs[0], 0, slots[pairs[0][0]], "main")  # first touch of the slot's pages
+        nbytes, t0 = 0, time.perf_counter()
+        for i, e in pairs:
+            nbytes += experts.load(i, e, 0, slots[i], "main")
+        seconds = time.perf_counter() - t0
+    finally:
+        experts.close()
+    return {"read_mbps": nbytes / seconds / 1e6, "latency_ms": 0.0, "reads_per_load": 3.0}
 
 
 def open_engine(bundle: Path, options, *, n_ctx: int):

@@ -86,6 +86,21 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     return dataclasses.replace(probed, engine_load_factor=rounded[4], engine_load_factor_2bit=rounded[2])
 
 
+def at_gguf(profile: HardwareProfile, path: Path) -> HardwareProfile:
+    """This device's profile with the expert-load speed measured on the MoE GGUF ``path`` itself,
+    as the offload engine reads it (device.probes.gguf_load_costs): the file's own disk, not the
+    profile's probe file."""
+    if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
+        return profile
+    from edge.device.probes import gguf_load_costs
+
+    costs = gguf_load_costs(Path(path))
+    if costs is None:
+        return profile
+    return dataclasses.replace(profile, storage_chunk_read_mbps=round(costs["read_mbps"]),
+                               storage_chunk_latency_ms=costs["latency_ms"], storage_path=str(path))
+
+
 def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:
     """ggml matrix-vector throughput (2 flops per weight), all cores, over ``n_mats`` matrices used
     in turn: their total (about 120 MB at Q4_1) exceeds any CPU cache, so this is the rate at which
