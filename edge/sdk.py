@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,16 @@ def parse_budget(budget: int | str | None) -> int | None:
         raise EdgeError(f"memory budget: {e}") from None
 
 
+def _run_hooks(hooks: list) -> None:
+    """Run and forget a model's closing hooks, each once."""
+    while hooks:
+        hook = hooks.pop()
+        try:
+            hook()
+        except OSError as e:  # a full disk must not lose the user's output
+            log.warning("could not save %s: %s", getattr(hook, "__qualname__", hook), e)
+
+
 class Model:
     """A loaded model. Use as a context manager, or call ``close()``.
 
@@ -53,6 +64,8 @@ class Model:
         self._session = Session(backend, tokenizer)
         self._elastic = None
         self._on_close: list = []  # e.g. saving the routing seen in use (edge/routing.py)
+        # a model never closed still runs them when the process exits (or the model is collected)
+        weakref.finalize(self, _run_hooks, self._on_close)
 
     @property
     def backend_name(self) -> str:
@@ -143,12 +156,7 @@ class Model:
         if self._elastic is not None:
             self._elastic.stop()
             self._elastic = None
-        while self._on_close:
-            hook = self._on_close.pop()
-            try:
-                hook()
-            except OSError as e:  # a full disk must not lose the user's output
-                log.warning("could not save %s: %s", getattr(hook, "__qualname__", hook), e)
+        _run_hooks(self._on_close)
         self.backend.close()
 
     def __enter__(self) -> "Model":

@@ -4,6 +4,7 @@ llama.cpp on that file, experts really read from it, routing recorded in use and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,42 @@ def test_locality_of_a_gguf_never_run_says_what_to_do(tmp_path):
     assert p.returncode == 2 and "no routing recorded for model.gguf yet: run it on the offload engine" in p.stderr
     p = _cli("locality", str(tmp_path / "missing.gguf"))
     assert p.returncode == 2 and "no such file" in p.stderr
+
+
+def test_routing_is_recorded_when_an_sdk_user_never_closes_the_model(q4km, tmp_path):
+    """An app that loads a GGUF and exits without close() (or a with-block) still leaves the
+    routing it ran for the next load; a close() and the exit after it record each token once."""
+    code = ("import edge, sys\n"
+            "m = edge.load(sys.argv[1], backend='offload')\n"
+            "m.create_completion('def main(argv):\\n', max_tokens=12, temperature=0)\n"
+            "if sys.argv[2] == 'close':\n"
+            "    m.close()\n")
+    from edge.routing import trace_path
+
+    env = {**os.environ, "EDGE_CACHE_DIR": str(tmp_path / "cache")}
+    counts = []
+    for how in ("exit", "close"):
+        p = subprocess.run([sys.executable, "-c", code, str(q4km), how], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        where = tmp_path / "cache" / "routing" / trace_path(q4km).name
+        assert where.is_file(), p.stderr
+        counts.append(np.load(where)["ids"].shape[0])
+    # the prompt (6 tokens) and 12 decoded, per run; the second run appended once, not twice
+    assert counts[0] > 0 and counts[1] == 2 * counts[0], counts
+
+
+def test_plans_for_a_gguf_time_the_engines_reads_on_the_file_itself(q4km):
+    """`edge plan x.gguf` here prices expert loads at the speed the engine's own reads reach on
+    that file (its disk, its spans), not the profile's probe file."""
+    from edge.device.probes import gguf_load_costs
+    from edge.device.profile import at_gguf, cached_profile
+
+    costs = gguf_load_costs(q4km, loads=32)
+    if costs is None:
+        pytest.skip("O_DIRECT refused on this filesystem: buffered reads are not timed")
+    assert costs["read_mbps"] > 0 and costs["reads_per_load"] == 3
+    base = cached_profile()
+    prof = at_gguf(base, q4km)
+    assert prof.storage_path == str(q4km) and prof.storage_chunk_read_mbps > 0 and prof.storage_chunk_latency_ms == 0
+    assert prof.gemv_types == base.gemv_types and prof.memory_bandwidth_gbps == base.memory_bandwidth_gbps
