@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import edge
+from helpers import offload_and_reference_perplexity
 from edge.errors import BundleError
 from edge.moe.policies import DEFAULT_POLICY, POLICIES
 from edge.sdk import OffloadOptions
@@ -50,21 +51,7 @@ def test_offload_bundle_layout(bundle):
 
 def test_offload_engine_computes_the_model(bundle, default_dir):
     """4-bit experts and Q8_0 dense weights: perplexity within 3% of the f32 reference."""
-    from edge.data.corpus import stdlib_corpus
-    from edge.formats.hf import load_weights
-    from edge.runtime.perplexity import perplexity
-    from edge.runtime.reference import ReferenceEngine
-
-    with edge.load(bundle, offload=OffloadOptions(pin_bits=True)) as m:
-        ids = m.tokenize(stdlib_corpus().heldout_texts()[3])[: 4 * 128 + 1]
-
-        def offload_logits(chunk):
-            m.backend.truncate(0)
-            return m.backend.eval(chunk, all_logits=True)
-
-        ours = perplexity(offload_logits, ids, window=128)
-    weights = load_weights(default_dir)
-    ref = perplexity(lambda c: ReferenceEngine(weights, n_ctx=256).eval(c, all_logits=True), ids, window=128)
+    ours, ref = offload_and_reference_perplexity(bundle, default_dir)
     assert abs(ours / ref - 1) < 0.03, (ours, ref)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import edge
+from helpers import offload_and_reference_perplexity
 from edge.formats.bundle import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,23 +42,9 @@ def test_a_bundle_from_a_gguf_keeps_its_trunk_tensors_and_types(tmp_path):
 
 def test_a_streamed_bundle_computes_the_model(tmp_path, default_dir):
     """4-bit experts and Q8_0 trunk read from dense.gguf: perplexity within 3% of the f32 reference."""
-    from edge.data.corpus import stdlib_corpus
-    from edge.formats.hf import load_weights
-    from edge.runtime.perplexity import perplexity
-    from edge.runtime.reference import ReferenceEngine
-
     edge.build(None, tmp_path / "o", format="offload")
     assert (tmp_path / "o" / "dense.gguf").is_file() and not (tmp_path / "o" / "dense.safetensors").exists()
-    with edge.load(tmp_path / "o", offload=edge.sdk.OffloadOptions(pin_bits=True)) as m:
-        ids = m.tokenize(stdlib_corpus().heldout_texts()[3])[: 4 * 128 + 1]
-
-        def logits(chunk):
-            m.backend.truncate(0)
-            return m.backend.eval(chunk, all_logits=True)
-
-        ours = perplexity(logits, ids, window=128)
-    weights = load_weights(default_dir)
-    ref = perplexity(lambda c: ReferenceEngine(weights, n_ctx=256).eval(c, all_logits=True), ids, window=128)
+    ours, ref = offload_and_reference_perplexity(tmp_path / "o", default_dir)
     assert abs(ours / ref - 1) < 0.03, (ours, ref)
 
 
