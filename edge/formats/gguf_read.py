@@ -18,6 +18,7 @@ import numpy as np
 from edge.errors import ModelFormatError, UnsupportedModelError
 from edge.formats.gguf_write import GGUF_ARCH, unpermute_qk
 from edge.formats.weights import LayerWeights, ModelWeights
+from edge.memory import DIRECT_IO_ALIGN
 from edge.spec import ModelSpec, StoredExperts
 
 _ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}
@@ -187,24 +188,44 @@ def read_spec(path: Path, reader=None) -> ModelSpec:
     )
 
 
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One ``ffn_*_exps`` tensor of one layer: E experts of [rows, cols] in a ggml type."""
+
+    name: str
+    gtype: int
+    rows: int
+    cols: int
+    offset: int  # file offset of expert 0
+    expert_bytes: int
+
+    def span(self, expert: int) -> tuple[int, int, int]:
+        """(aligned start, aligned length, where the expert's bytes begin inside) of its read."""
+        off = self.offset + expert * self.expert_bytes
+        start = off // DIRECT_IO_ALIGN * DIRECT_IO_ALIGN
+        end = -(-(off + self.expert_bytes) // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
+        return start, end - start, off - start
+
+    @property
+    def max_span(self) -> int:
+        return -(-(self.expert_bytes + DIRECT_IO_ALIGN - 1) // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
+
+
 def stored_experts(reader, spec: ModelSpec) -> StoredExperts:
     """What the planner needs of a MoE GGUF read straight from the file (edge.spec.StoredExperts):
-    each expert's three slices, the aligned spans the engine reads and its slots hold, and the
-    trunk by type (the embedding table is resident but a token reads one row of it)."""
-    align = 4096
+    each expert's three slices, the aligned spans the engine reads (:meth:`ExpertTensor.span`) and
+    its slots hold, and the trunk by type (the embedding table is resident but a token reads one
+    row of it)."""
     tensors = {t.name: t for t in reader.tensors}
     slots, reads, types = [], [], []
     E = spec.n_experts
     for i in range(spec.n_layers):
         trio = [tensors[f"blk.{i}.{m}.weight"] for m in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
-        per = [t.n_bytes // E for t in trio]
-        spans = []
-        for t, n in zip(trio, per):
-            starts = [t.data_offset + e * n for e in range(E)]
-            spans.append(sum(-(-(s + n) // align) * align - s // align * align for s in starts) / E)
-        slots.append(sum(-(-(n + align - 1) // align) * align for n in per))
-        reads.append(int(sum(spans)))
-        types.append(tuple((t.tensor_type.name, n) for t, n in zip(trio, per)))
+        mats = [ExpertTensor(t.name, int(t.tensor_type), int(t.shape[1]), int(t.shape[0]), t.data_offset, t.n_bytes // E)
+                for t in trio]
+        slots.append(sum(m.max_span for m in mats))
+        reads.append(int(sum(m.span(e)[1] for m in mats for e in range(E)) / E))
+        types.append(tuple((t.tensor_type.name, m.expert_bytes) for t, m in zip(trio, mats)))
     trunk = [t for t in reader.tensors if not _is_expert(t.name)]
     streamed: dict[str, int] = {}
     for t in trunk:

@@ -140,7 +140,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
         return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
                     int(whole), decode, tuple(reasons))
     if stored is not None:
-        return _gguf_offload(spec, device, stored, budget, context, locality or {}, model_name, whole, threads)
+        return _gguf_offload(spec, device, stored, budget, context, kv16 * 2, locality or {}, model_name, whole, threads)
     stream, stream_why = stream_bytes_per_s(device, "offload")
     reasons.append(f"weights stream at {stream_why}")
     slot = slot_bytes(spec)
@@ -193,12 +193,12 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
 
 
 def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExperts, budget: int, context: int,
-                  locality: dict, model_name: str, whole: float, threads: int) -> Plan:
+                  kv32: int, locality: dict, model_name: str, whole: float, threads: int) -> Plan:
     """An offload plan for a GGUF read straight from the file: its trunk resident in its own types,
     experts read (aligned spans, no conversion) into slots of their file size, cache sized by the
-    engine's own functions; prefetch planned off (no replay of its guesses exists for a GGUF)."""
+    engine's own functions; prefetch planned off (no replay of its guesses exists for a GGUF).
+    ``kv32``: the engine's f32 KV cache for the context."""
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
-    kv32 = 4 * L * spec.n_kv_heads * spec.head_dim * context * 2
     held = stored.trunk_bytes + kv32 + scratch_bytes(spec) + OFFLOAD_RUNTIME_BYTES
     room = cache_room(budget, held)
     smallest = K * sum(stored.slot_bytes)
@@ -211,12 +211,13 @@ def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExpert
     if not read_mbps:
         raise EdgeError(f"device '{device.name}' has no storage read speed to plan offloading with")
     slots = slots_within(room, list(stored.slot_bytes), E, K, locality.get("sch"))
-    loads, loads_why = _loads_per_token(locality, slots, L, E, K)
-    if locality.get("reply"):
-        reply = locality["reply"]
+    reply = locality.get("reply")
+    if reply:
         loads = _at_slots(reply["layer_demand_loads_per_token"], slots, locality.get("sizes"))
         loads_why = (f"the engine's cache policy, prefetcher off, replayed on the routing recorded in use, per layer, "
                      f"over {reply['reply_tokens']}-token replies after {reply['prompt_tokens']}-token prompts")
+    else:
+        loads, loads_why = _loads_per_token(locality, slots, L, E, K)
     load_s, load_why = stored_load_s(stored, device, read_mbps)
     cache = sum(c * b for c, b in zip(slots, stored.slot_bytes))
     peak = held + cache + MARGIN_BYTES

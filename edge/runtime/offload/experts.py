@@ -21,9 +21,10 @@ from typing import Protocol
 import numpy as np
 
 from edge.errors import ModelFormatError, UnsupportedModelError
-from edge.memory import DIRECT_IO_ALIGN, aligned_buffer
+from edge.memory import aligned_buffer
 from edge.quant.nested import q4_1_bytes, to_q4_1
 from edge.runtime import ggml
+from edge.formats.gguf_read import ExpertTensor
 from edge.runtime.offload.store import ExpertStore, open_for_reads
 
 log = logging.getLogger(__name__)
@@ -100,29 +101,6 @@ class NestedExperts:
 
     def close(self) -> None:
         self.store.close()
-
-
-@dataclass(frozen=True)
-class ExpertTensor:
-    """One ``ffn_*_exps`` tensor of one layer: E experts of [rows, cols] in a ggml type."""
-
-    name: str
-    gtype: int
-    rows: int
-    cols: int
-    offset: int  # file offset of expert 0
-    expert_bytes: int
-
-    def span(self, expert: int) -> tuple[int, int, int]:
-        """(aligned start, aligned length, where the expert's bytes begin inside) of its read."""
-        off = self.offset + expert * self.expert_bytes
-        start = off // DIRECT_IO_ALIGN * DIRECT_IO_ALIGN
-        end = -(-(off + self.expert_bytes) // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
-        return start, end - start, off - start
-
-    @property
-    def max_span(self) -> int:
-        return -(-(self.expert_bytes + DIRECT_IO_ALIGN - 1) // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
 
 
 EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
