@@ -144,7 +144,7 @@ def planned(gguf: Path, budget: int) -> dict:
 
     reader = open_reader(gguf)
     spec = read_spec(gguf, reader)
-    p = plan(spec, at_gguf(cached_profile(refresh=True), gguf), budget_bytes=budget, context=512, backend="offload",
+    p = plan(spec, at_gguf(cached_profile(refresh=True), gguf, reader), budget_bytes=budget, context=512, backend="offload",
              model_name=gguf.stem, stored=stored_experts(reader, spec), locality=planning_locality(gguf) or None)
     return {"decode_tok_s": p.predicted_decode_tok_s, "loads_per_token": p.predicted_loads_per_token,
             "slots": list(p.cache_slots_per_layer), "reasons": list(p.reasons)}

@@ -78,14 +78,17 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
     from edge.units import format_bytes, parse_bytes
 
     src = resolve(model)
-    spec = read_spec(src)
-    locality = stored = None
+    locality = stored = reader = None
     if src.kind == "gguf":  # an offload plan reads it straight from the file, in its own types
-        from edge.formats.gguf_read import open_reader, stored_experts
+        from edge.formats.gguf_read import open_reader, read_spec as read_gguf_spec, stored_experts
         from edge.routing import planning_locality
 
-        stored = stored_experts(open_reader(src.path), spec)
+        reader = open_reader(src.path)  # once: it parses the whole header (4.5 s on a 30B model)
+        spec = read_gguf_spec(src.path, reader)
+        stored = stored_experts(reader, spec)
         locality = planning_locality(src.path) or None
+    else:
+        spec = read_spec(src)
     if src.kind == "bundle":
         from edge.formats.bundle import read_manifest
 
@@ -97,7 +100,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
         if locality is not None and src.kind == "bundle":  # an offload bundle here: time reads of its own store
             prof = at_bundle(prof, src.path)
         elif stored is not None:  # a MoE GGUF here: time the engine's reads of its experts in the file
-            prof = at_gguf(prof, src.path)
+            prof = at_gguf(prof, src.path, reader)
     else:
         from edge.device.profiles import device_profile
 

@@ -86,15 +86,15 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
     return dataclasses.replace(probed, engine_load_factor=rounded[4], engine_load_factor_2bit=rounded[2])
 
 
-def at_gguf(profile: HardwareProfile, path: Path) -> HardwareProfile:
+def at_gguf(profile: HardwareProfile, path: Path, reader=None) -> HardwareProfile:
     """This device's profile with the expert-load speed measured on the MoE GGUF ``path`` itself,
     as the offload engine reads it (device.probes.gguf_load_costs): the file's own disk, not the
-    profile's probe file."""
+    profile's probe file. ``reader``: the file's GGUF reader, if the caller has one open."""
     if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
         return profile
     from edge.device.probes import gguf_load_costs
 
-    costs = gguf_load_costs(Path(path))
+    costs = gguf_load_costs(Path(path), reader=reader)
     if costs is None:
         return profile
     return dataclasses.replace(profile, storage_chunk_read_mbps=round(costs["read_mbps"]),
