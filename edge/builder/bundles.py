@@ -91,16 +91,23 @@ def _populate_streaming(src: Source, tmp: Path, say: Progress, max_bits: int, ca
     if src.kind == "gguf":
         from edge.runtime.llamacpp import load_model
 
-        source = GGUFSource(src.path)
-        vocab = load_model(src.path, vocab_only=True)
+        source = GGUFSource(src.path)  # first: it names a tensor of a type edge does not compute
+        try:
+            vocab = load_model(src.path, vocab_only=True)
+        except BaseException:
+            source.close()
+            raise
         eos, bos, tok = (int(vocab.token_eos()),), int(vocab.token_bos()), None
         vocab.close()
     else:
         source = HFSource(src.path)
         bos, eos = hf_special_ids(src.path)
         tok = hf_tokenizer_file(src.path)
-    return populate(source, tmp, say, name=src.name, origin=str(src.path.resolve()), max_bits=max_bits, eos=eos,
-                    bos=bos, tokenizer_json=tok, calibration=calibration)
+    try:
+        return populate(source, tmp, say, name=src.name, origin=str(src.path.resolve()), max_bits=max_bits, eos=eos,
+                        bos=bos, tokenizer_json=tok, calibration=calibration)
+    finally:
+        source.close()
 
 
 def _fits_in_memory(src: Source, say: Progress) -> None:

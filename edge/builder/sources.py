@@ -70,6 +70,9 @@ class HFSource:
         """The largest tensor as float32 (what reading it one at a time holds at once)."""
         return max(int(np.prod(i.shape, dtype=np.int64)) * 4 for i in self.infos.values())
 
+    def close(self) -> None:
+        """Nothing stays open between reads (each tensor's file is opened to read it)."""
+
     def _moe_prefix(self, i: int) -> str:
         moe = f"model.layers.{i}.block_sparse_moe"
         return moe if self.spec.arch == "mixtral" and f"{moe}.gate.weight" in self.infos else f"model.layers.{i}.mlp"
@@ -187,6 +190,11 @@ class GGUFSource:
             plans.append(TensorPlan(t.name, tuple(reversed(t.shape)), int(t.tensor_type),
                                     lambda t=t: self._read(t.data_offset, t.n_bytes)))
         return plans
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _read(self, offset: int, n: int) -> np.ndarray:
         """``n`` bytes at ``offset``, read (not mapped), their page-cache pages given back."""
