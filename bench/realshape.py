@@ -4,6 +4,7 @@ best setting, inside one cgroup-v1 memory cap, in one run.
     sudo python bench/realshape.py                   # models B then A; builds inputs once into --root
     sudo python bench/realshape.py --models B --runs 3
     sudo python bench/realshape.py --models C --systems gguf   # the planner's error on an untuned shape
+    sudo python bench/realshape.py --models A --systems bundle --merge  # add rows to A's recorded run
 
 Models (bench/moe_gguf.py, random weights quantized by ggml at llama.cpp's Q4_K_M mix): A has
 Qwen3-30B-A3B's exact shape (17.3 GiB), capped at 8 GiB; B has OLMoE-1B-7B's (3.9 GiB), capped at
@@ -183,12 +184,29 @@ def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int, sa
             say(f"{model} {name}: {[r.get('decode_tok_s', r.get('failed')) for r in rows[name]]}")
     return {"model": model, "size": size, "cap": cap, "disk_mbps": disk, "rows": rows, "best": best, "build": build,
             "agreement": agreement(gguf, cap) if "llamacpp" in systems else None, "planned": planned(gguf, cap),
-            "tokens": tokens, "runs": runs, "systems": sorted(systems)}
+            "tokens": tokens, "runs": runs, "systems": sorted(systems),
+            "ran_at": {name: time.strftime("%Y-%m-%d %H:%M") for name in rows}}
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``new`` with the rows (and llama.cpp's agreement) of an earlier invocation on the same model,
+    cap and token count that ``new`` did not run again; each row keeps the time it ran at."""
+    if (old["cap"], old["tokens"]) != (new["cap"], new["tokens"]):
+        sys.exit(f"error: --merge: the recorded run used cap {old['cap']} and {old['tokens']} tokens, "
+                 f"this one {new['cap']} and {new['tokens']}")
+    rows = {n: rs for n, rs in old["rows"].items() if n not in new["rows"]} | new["rows"]
+    ran_at = {n: t for n, t in old.get("ran_at", {}).items() if n not in new["rows"]} | new["ran_at"]
+    return new | {"rows": rows, "ran_at": ran_at, "agreement": new["agreement"] or old.get("agreement"),
+                  "build": new["build"] or old.get("build"), "systems": sorted(set(old["systems"]) | set(new["systems"]))}
 
 
 def table(res: dict) -> list[str]:
     lines = []
     tokens, disk = res["tokens"], res["disk_mbps"]
+    when = sorted(set(res.get("ran_at", {}).values()))
+    if len(when) > 1:
+        lines.append("rows ran at " + ", ".join(f"{t} ({', '.join(n for n, w in res['ran_at'].items() if w == t)})"
+                                                 for t in when))
     lines.append(f"model {res['model']}: {res['size'] / GiB:.2f} GiB Q4_K_M GGUF, cap {res['cap'] / GiB:.2f} GiB, "
                  f"{tokens} tokens, median of {res['runs']} (llama.cpp combinations: 1 run each, the fastest "
                  f"{res['runs']}), disk O_DIRECT sequential {disk:.0f} MB/s")
@@ -245,6 +263,9 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(sorted(SYSTEMS)),
                     help="which of llamacpp (every combination, then agreement), gguf (edge from the file), bundle "
                          "(edge from the nested bundle, built first) to run; the plan is always made")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the recorded results (--root/MODEL-results.json) for the systems not run "
+                         "now; the table says when each ran")
     ap.add_argument("--replan", action="store_true",
                     help="make the plan again for each model's recorded results (--root/MODEL-results.json) and "
                          "print its table: the plan is made now, the measurements are the recorded run's")
@@ -265,6 +286,9 @@ def main() -> None:
     for model in args.models.split(","):
         results[model] = bench_model(model, args.root, args.runs, args.tokens, args.threads,
                                      lambda msg: print(msg, file=sys.stderr, flush=True), systems)
+        recorded = args.root / f"{model}-results.json"
+        if args.merge and recorded.is_file():
+            results[model] = merged(json.loads(recorded.read_text()), results[model])
         (args.root / f"{model}-results.json").write_text(json.dumps(results[model], indent=1, default=str))
         print("\n".join(table(results[model])), flush=True)
         print(flush=True)
