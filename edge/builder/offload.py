@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from edge.data.corpus import EOT, stdlib_corpus, token_stream
 from edge.formats import edge_weights
-from edge.formats.bundle import Progress, TokenizerInfo
+from edge.formats.bundle import Progress, TokenizerInfo, copy_tokenizer
 from edge.formats.weights import ModelWeights
 from edge.hardware import default_threads
 from edge.moe.locality import sch
@@ -155,7 +154,7 @@ def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say
     total = s.n_layers * s.n_experts
     index = write_store(tmp / "experts.bin", layout, s.n_layers, s.n_experts, records(),
                         progress=lambda i: say(f"quantizing experts {i}/{total}"))
-    shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    tok_roles = copy_tokenizer(tokenizer_json, tmp)
     from dataclasses import replace
 
     spec = replace(s, expert_bytes=index.file_bytes, weight_dtype="NESTED2-8", source_format="edge")
@@ -163,6 +162,6 @@ def populate_offload(weights: ModelWeights, tokenizer_json: Path, tmp: Path, say
         "name": name, "format": "offload", "weight_type": "nested-2..8", "source": source, "spec": spec,
         "tokenizer": TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos),
         "experts": index.to_dict(), "locality": locality, "bitstack": stack,
-        "roles": {"dense.safetensors": "weights", "experts.bin": "experts", "tokenizer.json": "tokenizer"}
+        "roles": {"dense.safetensors": "weights", "experts.bin": "experts"} | tok_roles
         | ({"dense.stack": "bitstack"} if bitstack else {}),
     }

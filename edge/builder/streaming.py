@@ -15,7 +15,6 @@ engine (the trunk, one expert slot per layer, a 512-token context) plus Python a
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from edge.builder import calibrate
 from edge.builder.offload import locality_from
 from edge.builder.sources import GGUFSource, HFSource
-from edge.formats.bundle import Progress, TokenizerInfo
+from edge.formats.bundle import Progress, TokenizerInfo, copy_tokenizer
 from edge.formats.gguf_stream import GGUF_ARCH, add_model_metadata, copy_metadata, write_streaming
 from edge.quant.nested import NestedLayout, encode
 from edge.quant.store import write_store
@@ -62,8 +61,7 @@ def populate(source: HFSource | GGUFSource, tmp: Path, say: Progress, *, name: s
     index = write_store(tmp / "experts.bin", layout, s.n_layers, s.n_experts, records())
     roles = {"dense.gguf": "weights", "experts.bin": "experts"}
     if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        roles["tokenizer.json"] = "tokenizer"
+        roles |= copy_tokenizer(tokenizer_json, tmp)
         tok_info = TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos)
     else:
         tok_info = TokenizerInfo(kind="gguf", file="dense.gguf", eos_ids=eos, bos_id=bos)

@@ -68,16 +68,31 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
 
 def chat(model: Optional[str] = ModelOpt,
          backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp or offload (a GGUF or offload bundle streamed from disk)."),
-         max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
+         max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens per reply at most."),
          temperature: float = typer.Option(0.7, "--temperature", "-t"),
          seed: Optional[int] = typer.Option(None, "--seed"),
+         system: Optional[str] = typer.Option(None, "--system", help="A system message to open the conversation."),
+         chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template file to use instead of the model's own."),
          n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (default: the plan's, else 2048)."),
-         threads: Optional[int] = typer.Option(None, "--threads")) -> None:
-    """Interactive session: each line you type extends one running text, which the model continues.
-    The context is kept between turns (its cache is reused); /reset clears it, /exit or Ctrl-D quits."""
-    with _load(model, backend, n_ctx, threads, False) as m:
-        err.print(f"[bold]{m.name}[/] on {m.backend_name} — base model: it continues your text. /reset, /exit")
-        transcript = ""
+         threads: Optional[int] = typer.Option(None, "--threads"),
+         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the whole process stays under this.")) -> None:
+    """A conversation with the model, laid out by its own chat template; the model's tokens of the
+    conversation stay cached between turns. /reset starts again, /exit or Ctrl-D quits. A model with
+    no chat template continues one running text instead (said once)."""
+    from edge.sdk import load
+
+    with load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, memory_budget=memory_budget,
+              chat_template=chat_template) as m:
+        from edge.cli.output import say_notes
+
+        say_notes(m.notes)
+        templated = m.chat_template is not None
+        if not templated:
+            err.print(f"warning: {m.name} has no chat template: each line continues one running text "
+                      f"(--chat-template FILE gives it a chat layout)", markup=False)
+        err.print(f"[bold]{m.name}[/] on {m.backend_name}. /reset, /exit")
+        opening = [{"role": "system", "content": system}] if system else []
+        messages, transcript = list(opening), ""
         while True:
             try:
                 line = input("> ")
@@ -86,19 +101,26 @@ def chat(model: Optional[str] = ModelOpt,
             if line.strip() == "/exit":
                 break
             if line.strip() == "/reset":
-                transcript = ""
+                messages, transcript = list(opening), ""
                 continue
-            transcript += line + "\n"
-            if len(m.tokenize(transcript)) + max_tokens >= m.backend.n_ctx:
-                err.print("context full: /reset to start again")
-                transcript = transcript[: -len(line) - 1]
+            kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stream=True)
+            try:
+                if templated:
+                    chunks = m.create_chat_completion(messages + [{"role": "user", "content": line}], **kw)
+                    texts = (c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+                else:
+                    chunks = m.create_completion(transcript + line + "\n", stop=["\n\n"], **kw)
+                    texts = (c["choices"][0]["text"] for c in chunks)
+                reply = []
+                for piece in texts:
+                    reply.append(piece)
+                    out.print(piece, end="", markup=False)
+                    out.file.flush()
+            except EdgeError as e:
+                if "context holds" not in str(e):
+                    raise
+                err.print(f"context full ({e}): /reset to start again", markup=False)
                 continue
-            reply = []
-            for chunk in m.create_completion(transcript, max_tokens=max_tokens, temperature=temperature,
-                                             seed=seed, stop=["\n\n"], stream=True):
-                piece = chunk["choices"][0]["text"]
-                reply.append(piece)
-                out.print(piece, end="", markup=False)
-                out.file.flush()
             out.print()
-            transcript += "".join(reply) + "\n"
+            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
+            transcript += line + "\n" + "".join(reply) + "\n"

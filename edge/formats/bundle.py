@@ -71,6 +71,22 @@ class Manifest(BaseModel):
         return next(f for f in self.files if f.role == "weights")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def copy_tokenizer(tokenizer_json: Path, dest: Path) -> dict[str, str]:
+    """Copy a Hugging Face tokenizer into a bundle being written: tokenizer.json and, where its folder
+    has them, tokenizer_config.json (special tokens, chat template) and chat_template.jinja; returns
+    the manifest roles of the files copied."""
+    roles = {}
+    for name in TOKENIZER_FILES:
+        src = tokenizer_json if name == "tokenizer.json" else tokenizer_json.parent / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+            roles[name] = "tokenizer"
+    return roles
+
+
 def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import UnsupportedModelError
+from edge.formats.hf import chat_template_parts
 from edge.spec import ModelSpec
 
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
@@ -112,6 +113,9 @@ def add_model_metadata(w, s: ModelSpec, tokenizer_json: Path | None, *, name: st
     if eos_id is not None:
         w.add_eos_token_id(eos_id)
     w.add_add_bos_token(False)
+    template, _, _ = chat_template_parts(Path(tokenizer_json).parent)
+    if template is not None:  # the tokenizer folder's chat template, where llama.cpp and edge look for it
+        w.add_chat_template(template)
 
 
 def copy_metadata(w, reader) -> None:

@@ -211,3 +211,39 @@ def load_weights(model_dir: Path) -> ModelWeights:
             shared_router=t(f"{moe}.shared_expert_gate.weight", (1, D)) if S else None,
         ))
     return ModelWeights(spec=s, embed=embed, norm=t("model.norm.weight", (D,)), lm_head=lm_head, layers=layers)
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def chat_template_parts(folder: Path) -> tuple[str | None, dict[str, str], str]:
+    """(template source or None, special-token strings, where it came from) of a Hugging Face
+    tokenizer folder: ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``
+    (a string, or a list of named templates: the one named "default"); the special tokens
+    (bos_token, eos_token, ...) from tokenizer_config.json."""
+    config: dict = {}
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{cfg_file} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ModelFormatError(f"{cfg_file} must hold a JSON object")
+    specials = {k: t for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                               "mask_token") if (t := _token_text(config.get(k))) is not None}
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8"), specials, str(jinja_file)
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
+    if source is not None and not isinstance(source, str):
+        raise ModelFormatError(f"{cfg_file}: chat_template must be a string or a list of named templates")
+    return source, specials, str(cfg_file)

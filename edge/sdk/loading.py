@@ -1,174 +1,27 @@
-"""The SDK: ``edge.load(...)`` returns a Model with OpenAI-shaped completions."""
+"""``edge.load``: a model folder, GGUF file or bundle -> a Model on the right engine."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import time
-import uuid
-import weakref
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from edge.errors import EdgeError
 from edge.paths import cache_dir
 from edge.planned import read_plan, settings
-from edge.runtime.generate import Backend, Generation, SamplingParams, Session
+from edge.runtime.chat import ChatTemplate
 from edge.runtime.offload.options import OffloadOptions
 from edge.runtime.tokenizer import HFTokenizer, LlamaCppTokenizer, Tokenizer
+from edge.sdk.model import Model, parse_budget
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, resolve
 from edge.spec import ModelSpec
-from edge.units import parse_bytes
 
-__all__ = ["BACKENDS", "Model", "OffloadOptions", "load"]
-log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "llamacpp", "offload")
-
-
-def parse_budget(budget: int | str | None) -> int | None:
-    if budget is None or isinstance(budget, int):
-        return budget
-    try:
-        return parse_bytes(budget)
-    except ValueError as e:
-        raise EdgeError(f"memory budget: {e}") from None
-
-
-def _run_hooks(hooks: list) -> None:
-    """Run and forget a model's closing hooks, each once."""
-    while hooks:
-        hook = hooks.pop()
-        try:
-            hook()
-        except OSError as e:  # a full disk must not lose the user's output
-            log.warning("could not save %s: %s", getattr(hook, "__qualname__", hook), e)
-
-
-class Model:
-    """A loaded model. Use as a context manager, or call ``close()``.
-
-    >>> import edge
-    >>> with edge.load() as m:
-    ...     out = m.create_completion("def fibonacci(", max_tokens=8, temperature=0)
-    >>> out["object"], out["choices"][0]["finish_reason"]
-    ('text_completion', 'length')
-    """
-
-    def __init__(self, *, name: str, spec: ModelSpec, backend: Backend, tokenizer: Tokenizer, source: Path,
-                 notes: tuple[str, ...] = ()):
-        self.name, self.spec, self.source = name, spec, source
-        self.backend, self.tokenizer = backend, tokenizer
-        self.notes = notes  # what a deployed bundle's plan set and what the caller overrode, one line each
-        self._session = Session(backend, tokenizer)
-        self._elastic = None
-        self._on_close: list = []  # e.g. saving the routing seen in use (edge/routing.py)
-        # a model never closed still runs them when the process exits (or the model is collected)
-        weakref.finalize(self, _run_hooks, self._on_close)
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    def metrics(self) -> dict[str, Any]:
-        """Telemetry of the engine: speed, memory, and for the offload engine cache and I/O counters."""
-        if hasattr(self.backend, "metrics"):
-            return self.backend.metrics()
-        import psutil
-
-        return {"engine": self.backend.name, "resident_bytes": psutil.Process().memory_info().rss}
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens)
-
-    def create_completion(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.8,
-                          top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
-                          stop: str | list[str] | None = None, stream: bool = False
-                          ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Complete ``prompt``; returns an OpenAI ``text_completion`` dict, or an iterator of
-        chunks of that shape when ``stream=True``. ``temperature=0`` decodes greedily.
-
-        >>> import edge
-        >>> with edge.load() as m:
-        ...     for chunk in m.create_completion("import ", max_tokens=4, stream=True, seed=1):
-        ...         _ = chunk["choices"][0]["text"]
-        """
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        stats = Generation()
-        pieces = self._session.generate(prompt, max_tokens=max_tokens, sampling=sampling, stop=stops, stats=stats)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if stream:
-            return self._stream(pieces, cid, created, stats)
-        text, reason = [], None
-        for piece in pieces:
-            text.append(piece.text)
-            reason = piece.finish_reason or reason
-        return self._result(cid, created, "".join(text), reason, stats)
-
-    __call__ = create_completion
-
-    def _stream(self, pieces, cid: str, created: int, stats: Generation) -> Iterator[dict[str, Any]]:
-        for piece in pieces:
-            if piece.text or piece.finish_reason:
-                chunk = self._result(cid, created, piece.text, piece.finish_reason, stats)
-                if not piece.finish_reason:
-                    del chunk["usage"]
-                yield chunk
-
-    def _result(self, cid: str, created: int, text: str, reason: str | None, stats: Generation) -> dict[str, Any]:
-        return {
-            "id": cid, "object": "text_completion", "created": created, "model": self.name,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
-            "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                      "total_tokens": stats.prompt_tokens + stats.completion_tokens},
-        }
-
-    def set_memory_budget(self, budget: int | str, *, reason: str = "set_memory_budget") -> dict[str, Any]:
-        """Fit the running model into ``budget`` (bytes or "300MB") without reloading it or losing
-        the conversation: a BitStack stack grows or shrinks block by block, then the expert cache.
-        The next token uses the new weights. Offload bundles only."""
-        from edge.runtime.offload.budget import set_memory_budget
-
-        nbytes = parse_budget(budget)
-        if self.backend.name != "offload":
-            raise EdgeError(f"the {self.backend.name} backend cannot resize while it runs; load an offload bundle "
-                            "(edge build MODEL --format offload --bitstack)")
-        return set_memory_budget(self.backend, nbytes, reason=reason)
-
-    def elastic(self, *, floor: int | str | None = None, ceiling: int | str | None = None):
-        """Start the elastic memory manager (edge/runtime/offload/elastic.py): the budget follows the
-        memory the device has free, between ``floor`` and ``ceiling`` (default: the budget now). Stopped by
-        ``close()``; returns the manager."""
-        from edge.runtime.offload.elastic import ElasticManager
-
-        if self.backend.name != "offload":
-            raise EdgeError(f"the elastic memory manager resizes offload bundles; {self.source} runs on {self.backend.name}")
-        if self._elastic is None:
-            self._elastic = ElasticManager(self.backend, floor=parse_budget(floor), ceiling=parse_budget(ceiling)).start()
-        return self._elastic
-
-    def close(self) -> None:
-        if self._elastic is not None:
-            self._elastic.stop()
-            self._elastic = None
-        _run_hooks(self._on_close)
-        self.backend.close()
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int | None = None,
          n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
-         offload: OffloadOptions | None = None) -> Model:
+         offload: OffloadOptions | None = None, chat_template: str | os.PathLike | None = None) -> Model:
     """Load a model for generation.
 
     ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
@@ -184,6 +37,10 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     and ``Model.notes`` says what was followed and what was overridden. ``n_ctx`` defaults to the
     plan's context, else 2048; ``n_threads`` to the plan's, else the physical cores.
 
+    ``create_chat_completion`` lays conversations out with the model's own chat template (a GGUF's
+    ``tokenizer.chat_template``, a folder's chat_template.jinja or tokenizer_config.json);
+    ``chat_template`` (a Jinja template, or a file holding one) replaces it.
+
     >>> import edge
     >>> m = edge.load()
     >>> m.spec.n_experts, m.spec.top_k
@@ -193,7 +50,28 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     if backend not in BACKENDS:
         raise EdgeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     budget = parse_budget(memory_budget)
+    template = _given_template(chat_template) if chat_template is not None else None  # checked before loading
     src = resolve(model)
+    m = _load(src, backend, n_ctx, n_threads, verify, budget, offload)
+    if template is not None:  # the special tokens it may name are the model's
+        template.special_tokens = dict(m.tokenizer.special_tokens)
+        m.chat_template = template
+    return m
+
+
+def _given_template(chat_template: str | os.PathLike) -> ChatTemplate:
+    """load's ``chat_template``: a Jinja template, or a file holding one."""
+    text = os.fspath(chat_template)
+    if "{" in text:
+        return ChatTemplate(text, origin="the chat_template argument")
+    path = Path(text)
+    if not path.is_file():
+        raise EdgeError(f"chat template {text}: no such file (give a Jinja template or a file holding one)")
+    return ChatTemplate(path.read_text(encoding="utf-8"), origin=str(path))
+
+
+def _load(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, verify: bool, budget: int | None,
+          offload: OffloadOptions | None) -> Model:
     if src.kind == "bundle":
         return _load_bundle(src, backend, n_ctx, n_threads, verify, budget, offload)
     n_ctx = n_ctx or 2048
@@ -243,7 +121,7 @@ def _load_gguf_file(src: Source, backend: str, n_ctx: int, n_threads: int | None
         raise
     recorder = UsageRecorder(src.path, spec.n_layers, spec.n_experts)
     engine.route_observers.append(recorder)
-    model = Model(name=src.name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=src.path,
+    model = Model(name=src.name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab, src.path.name), source=src.path,
                   notes=notes)
     model._on_close.append(recorder.save)
     return model
@@ -302,9 +180,9 @@ def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int |
 
         vocab = load_model(path, vocab_only=True)
         engine = ReferenceEngine(load_weights(path), n_ctx=n_ctx)
-        return Model(name=name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab), source=path, notes=notes)
+        return Model(name=name, spec=spec, backend=engine, tokenizer=LlamaCppTokenizer(vocab, path.name), source=path, notes=notes)
     be = LlamaCppBackend(path, n_ctx=min(n_ctx, spec.context_length), n_threads=n_threads)
-    tok: Tokenizer = LlamaCppTokenizer(be.model)
+    tok: Tokenizer = LlamaCppTokenizer(be.model, path.name)
     if hf_dir is not None:
         tok = HFTokenizer(hf_tokenizer_file(hf_dir), eos)
     return Model(name=name, spec=spec, backend=be, tokenizer=tok, source=path, notes=notes)
@@ -346,9 +224,8 @@ def _bundle_tokenizer(bundle: Path, manifest) -> Tokenizer:
     if manifest.tokenizer.kind == "gguf":
         from edge.runtime.llamacpp import load_model
 
-        tok = LlamaCppTokenizer(load_model(bundle / manifest.tokenizer.file, vocab_only=True))
-        if manifest.tokenizer.eos_ids:
-            tok.eos_ids = frozenset(manifest.tokenizer.eos_ids)
+        tok = LlamaCppTokenizer(load_model(bundle / manifest.tokenizer.file, vocab_only=True), bundle.name)
+        tok.eos_ids |= frozenset(manifest.tokenizer.eos_ids)
         return tok
     return HFTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer.eos_ids)
 
