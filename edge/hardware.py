@@ -60,6 +60,9 @@ class HardwareProfile:
     engine_load_factor_2bit: float | None = None  # ... for 2-bit loads (their conversion behaves apart)
     native_convert: bool | None = None  # edge's C helper converts experts (False: numpy, ~3x slower)
     gemv_types: tuple[tuple[str, float], ...] = ()  # ggml GEMV GFLOP/s by weight type (GGUFs run from the file)
+    # the offload engine's compute per decoded token on the GGUF at storage_path, no expert loaded
+    # (device.gguf_probes.gguf_step_compute; set by profile.at_gguf for that file only)
+    gguf_step_compute_s: float | None = None
 
     @property
     def usable_memory_bytes(self) -> int:

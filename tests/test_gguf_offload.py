@@ -113,7 +113,7 @@ def test_routing_is_recorded_when_an_sdk_user_never_closes_the_model(q4km, tmp_p
 def test_plans_for_a_gguf_time_the_engines_reads_on_the_file_itself(q4km):
     """`edge plan x.gguf` here prices expert loads at the speed the engine's own reads reach on
     that file (its disk, its spans), not the profile's probe file."""
-    from edge.device.probes import gguf_load_costs
+    from edge.device.gguf_probes import gguf_load_costs
     from edge.device.profile import at_gguf, cached_profile
 
     costs = gguf_load_costs(q4km, loads=32)
@@ -124,3 +124,25 @@ def test_plans_for_a_gguf_time_the_engines_reads_on_the_file_itself(q4km):
     prof = at_gguf(base, q4km)
     assert prof.storage_path == str(q4km) and prof.storage_chunk_read_mbps > 0 and prof.storage_chunk_latency_ms == 0
     assert prof.gemv_types == base.gemv_types and prof.memory_bandwidth_gbps == base.memory_bandwidth_gbps
+
+
+def test_plans_for_a_gguf_take_the_engines_compute_measured_on_the_file(q4km):
+    """The compute probe times the engine itself on the file's weights with every expert cached
+    (no load on the timed steps), and the plan prices a token at that compute plus its loads."""
+    from edge.device.gguf_probes import gguf_step_compute
+    from edge.device.profile import at_gguf, cached_profile
+    from edge.formats.gguf_read import open_reader, read_spec, stored_experts
+    from edge.plan.planner import plan
+
+    step = gguf_step_compute(q4km, threads=2, repeats=3)
+    assert step["runs"] == 3 and 0 < step["step_s"] < 5
+    prof = at_gguf(cached_profile(), q4km)
+    assert prof.gguf_step_compute_s > 0
+    reader = open_reader(q4km)
+    spec = read_spec(q4km, reader)
+    size = q4km.stat().st_size
+    p = plan(spec, prof, budget_bytes=int(0.8 * size) + (200 << 20), context=256, backend="offload",
+             model_name="q4km", stored=stored_experts(reader, spec))
+    step_s = prof.gguf_step_compute_s + p.predicted_loads_per_token * p.predicted_load_s
+    assert p.predicted_decode_tok_s == pytest.approx(1 / step_s, rel=1e-6)
+    assert any("measured on this file, no loads" in r for r in p.reasons)

@@ -232,38 +232,6 @@ def engine_load_factors(bundle: Path, device, measured: dict[int, tuple[float, f
     return factors
 
 
-def gguf_load_costs(path: Path, loads: int = 96, seed: int = 0, *, reader=None) -> dict[str, float] | None:
-    """What one expert load costs on a MoE GGUF itself, as the offload engine does it (its
-    GGUFExperts: the 4 KiB-aligned spans of an expert's three matrices, O_DIRECT, into a slot), at
-    ``loads`` random (layer, expert) pairs: {"read_mbps": bytes over seconds, "latency_ms": 0,
-    "reads_per_load": 3}. The model's own file on its own disk: the profile's probe file sits in
-    edge's cache folder, which may be another disk, and a file written just now may still be in a
-    virtual machine's host cache. None where O_DIRECT is refused (buffered reads hit the page
-    cache after the first touch, so their speed is not the load's). ``reader``: the file's GGUF
-    reader when the caller has one open (opening one parses the whole header: 4.5 s on model A)."""
-    from edge.formats.gguf_read import open_reader, read_spec
-    from edge.runtime.offload.experts import GGUFExperts, expert_tensors
-
-    reader = reader or open_reader(path)
-    spec = read_spec(path, reader)
-    experts = GGUFExperts(path, expert_tensors(path, reader, spec), mode="auto")
-    del reader
-    try:
-        if experts.mode != "direct":
-            return None
-        rng = np.random.default_rng(seed)
-        pairs = [(int(rng.integers(spec.n_layers)), int(rng.integers(spec.n_experts))) for _ in range(loads)]
-        slots = {i: experts.new_slots(i, 1)[0] for i in sorted({i for i, _ in pairs})}
-        experts.load(*pairs[0], 0, slots[pairs[0][0]], "main")  # first touch of the slot's pages
-        nbytes, t0 = 0, time.perf_counter()
-        for i, e in pairs:
-            nbytes += experts.load(i, e, 0, slots[i], "main")
-        seconds = time.perf_counter() - t0
-    finally:
-        experts.close()
-    return {"read_mbps": nbytes / seconds / 1e6, "latency_ms": 0.0, "reads_per_load": 3.0}
-
-
 def open_engine(bundle: Path, options, *, n_ctx: int):
     """The offload engine on ``bundle`` with ``options`` and no budget, and its tokenizer: the
     probes time the engine itself, not a deployed plan."""

@@ -87,18 +87,23 @@ def at_bundle(profile: HardwareProfile, bundle: Path) -> HardwareProfile:
 
 
 def at_gguf(profile: HardwareProfile, path: Path, reader=None) -> HardwareProfile:
-    """This device's profile with the expert-load speed measured on the MoE GGUF ``path`` itself,
-    as the offload engine reads it (device.probes.gguf_load_costs): the file's own disk, not the
-    profile's probe file. ``reader``: the file's GGUF reader, if the caller has one open."""
-    if profile.source != "measured":  # a device profile: this machine's disk says nothing about it
+    """This device's profile with what running the MoE GGUF ``path`` straight from the file costs,
+    measured on the file itself (device.gguf_probes): one expert load as the offload engine reads it
+    (the file's own disk, not the profile's probe file) and the engine's compute per decoded token
+    on the model's own shapes and types (the planner's GEMV rates and the default model's fixed
+    cost per layer missed it by 25-60% on the shapes of docs/realshape.md). ``reader``: the file's
+    GGUF reader, if the caller has one open."""
+    if profile.source != "measured":  # a device profile: this machine says nothing about it
         return profile
-    from edge.device.probes import gguf_load_costs
+    from edge.device.gguf_probes import gguf_load_costs, gguf_step_compute
 
+    step = gguf_step_compute(Path(path), threads=default_threads())
+    out = dataclasses.replace(profile, gguf_step_compute_s=round(step["step_s"], 5), storage_path=str(path))
     costs = gguf_load_costs(Path(path), reader=reader)
     if costs is None:
-        return profile
-    return dataclasses.replace(profile, storage_chunk_read_mbps=round(costs["read_mbps"]),
-                               storage_chunk_latency_ms=costs["latency_ms"], storage_path=str(path))
+        return out
+    return dataclasses.replace(out, storage_chunk_read_mbps=round(costs["read_mbps"]),
+                               storage_chunk_latency_ms=costs["latency_ms"])
 
 
 def gemv_gflops(gtype: int, rows: int = 4096, cols: int = 4096, n_mats: int = 12, reps: int = 5) -> float:

@@ -228,15 +228,19 @@ def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExpert
                f"{loads:.1f} expert loads per token ({loads_why})",
                "prefetch off: no replay of its guesses exists for a GGUF, and it only pays where CPUs are spare",
                f"each load: {load_why}"]
-    compute_s, compute_why = stored_compute_s(stored, spec, device)
-    if compute_s is None:
-        reasons.append(f"speed unknown: {compute_why}")
-        return Plan(model_name, device.name, "offload", f"gguf:{types}", 4, budget, context, threads, slots, 0,
-                    int(peak), None, tuple(reasons), loads, load_s)
-    f_s, f_why = fixed_s(device.offload_layer_us, L, "the offload engine")
-    step = compute_s + f_s + loads * load_s
-    reasons.append(f"decode: weights {compute_why} + {f_why} + {loads * load_s * 1e3:.0f} ms loading -> "
-                   f"{1 / step:.2f} tokens/s")
+    if device.gguf_step_compute_s:  # measured: the engine on this file, every expert already in the cache
+        compute_s = device.gguf_step_compute_s
+        compute_why = f"{compute_s * 1e3:.0f} ms computing (the engine measured on this file, no loads)"
+    else:
+        weights, weights_why = stored_compute_s(stored, spec, device)
+        if weights is None:
+            reasons.append(f"speed unknown: {weights_why}")
+            return Plan(model_name, device.name, "offload", f"gguf:{types}", 4, budget, context, threads, slots, 0,
+                        int(peak), None, tuple(reasons), loads, load_s)
+        f_s, f_why = fixed_s(device.offload_layer_us, L, "the offload engine")
+        compute_s, compute_why = weights + f_s, f"weights {weights_why} + {f_why}"
+    step = compute_s + loads * load_s
+    reasons.append(f"decode: {compute_why} + {loads * load_s * 1e3:.0f} ms loading -> {1 / step:.2f} tokens/s")
     return Plan(model_name, device.name, "offload", f"gguf:{types}", 4, budget, context, threads, slots, 0, int(peak),
                 1 / step, tuple(reasons), loads, load_s)
 
