@@ -8,7 +8,6 @@ the file); tensors may be any ggml type, handed over as raw bytes.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import UnsupportedModelError
+from edge.formats.gguf_vocab import add_vocab, vocab_fields
 from edge.formats.hf import chat_template_parts
 from edge.spec import ModelSpec
 
@@ -49,32 +48,6 @@ def tensor_bytes(gtype: int, shape: tuple[int, ...]) -> int:
     return n // block * size
 
 
-def tokenizer_fields(tokenizer_json: Path, vocab_size: int | None = None) -> dict:
-    """A byte-level BPE ``tokenizer.json`` as GGUF token lists; ``vocab_size`` pads the list with
-    unused tokens to the model's embedding rows (a model may have more rows than its tokenizer)."""
-    data = json.loads(Path(tokenizer_json).read_text())
-    model, pre = data.get("model", {}), data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UnsupportedModelError(
-            f"{Path(tokenizer_json).name}: only byte-level BPE tokenizers with the GPT-2 pre-tokenizer can be "
-            f"written to GGUF yet (found model {model.get('type')}, pre-tokenizer {pre.get('type')})")
-    vocab = dict(model["vocab"])
-    special = set()
-    for tok in data.get("added_tokens", []):
-        vocab[tok["content"]] = tok["id"]
-        if tok.get("special"):
-            special.add(tok["id"])
-    n = max(vocab.values()) + 1
-    total = max(n, vocab_size or 0)
-    tokens = [f"[PAD{i}]" for i in range(total)]
-    for text, i in vocab.items():
-        tokens[i] = text
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    # gguf TokenType: 1 NORMAL, 3 CONTROL, 5 UNUSED (rows past the tokenizer's own ids)
-    types = [3 if i in special else 1 if i < n else 5 for i in range(total)]
-    return {"tokens": tokens, "types": types, "merges": merges}
-
-
 def add_model_metadata(w, s: ModelSpec, tokenizer_json: Path | None, *, name: str, file_type: int,
                        bos_id: int | None, eos_id: int | None) -> None:
     """The metadata llama.cpp reads for ``s.arch`` and (unless ``tokenizer_json`` is None) the
@@ -102,17 +75,7 @@ def add_model_metadata(w, s: ModelSpec, tokenizer_json: Path | None, *, name: st
             w.add_expert_shared_feed_forward_length(s.shared_expert_ffn_size)
     if tokenizer_json is None:
         return
-    tok = tokenizer_fields(tokenizer_json, s.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    if bos_id is not None:
-        w.add_bos_token_id(bos_id)
-    if eos_id is not None:
-        w.add_eos_token_id(eos_id)
-    w.add_add_bos_token(False)
+    add_vocab(w, vocab_fields(tokenizer_json, s.vocab_size), bos_id=bos_id, eos_id=eos_id)
     template, _, _ = chat_template_parts(Path(tokenizer_json).parent)
     if template is not None:  # the tokenizer folder's chat template, where llama.cpp and edge look for it
         w.add_chat_template(template)
