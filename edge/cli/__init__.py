@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from edge.cli import build, device, moe, run
+from edge.cli import build, device, moe, run, serve
 from edge.cli.output import configure_logging, err
 from edge.errors import EdgeError
 
@@ -23,7 +23,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 for command in (build.inspect, build.build, run.run, run.chat, moe.trace, moe.locality, device.profile,
-                device.plan, device.deploy, device.bench):
+                device.plan, device.deploy, device.bench, serve.serve, serve.ps):
     app.command()(command)
 
 

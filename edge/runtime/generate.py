@@ -81,6 +81,20 @@ class Piece:
     text: str
     token: int | None
     finish_reason: str | None = None  # "stop" or "length" on the last piece
+    # with logprobs asked: (token, its log-probability, the top alternatives as (token, logprob))
+    # for every token whose text this piece carries
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """The model's log-probability of ``token`` under ``logits`` (before temperature and truncation:
+    the distribution itself), and the ``top`` most likely tokens with theirs."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    lse = np.log(np.exp(z).sum())
+    best = np.argpartition(-z, top - 1)[:top] if 0 < top < len(z) else np.arange(len(z))[: max(top, 0)]
+    best = best[np.argsort(-z[best], kind="stable")]
+    return int(token), float(z[token] - lse), [(int(t), float(z[t] - lse)) for t in best]
 
 
 @dataclass
@@ -121,8 +135,11 @@ class Session:
         return logits
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int, sampling: SamplingParams,
-                 stop: Sequence[str] = (), stats: Generation | None = None) -> Iterator[Piece]:
-        """Yield pieces of text until EOS, a stop string, max_tokens or a full context."""
+                 stop: Sequence[str] = (), stats: Generation | None = None,
+                 logprobs: int | None = None, cancel=None) -> Iterator[Piece]:
+        """Yield pieces of text until EOS, a stop string, max_tokens or a full context. ``logprobs``
+        (0..20): each piece also carries its tokens' log-probabilities and that many alternatives.
+        ``cancel`` (a threading.Event): once set, generation ends before the next token ("cancelled")."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise EdgeError("the prompt is empty: give at least one character")
@@ -136,27 +153,33 @@ class Session:
         sampler = Sampler(sampling)
         logits = self._prefill(ids)
         out: list[int] = []
+        pending: list = []  # logprobs of tokens whose text is not yielded yet
         emitted = 0  # characters of the decoded completion already yielded
         reason, by_stop_string = "length", False
         while len(out) < max_tokens:
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
             tok = sampler(logits)
             if tok in self.tokenizer.eos_ids:
                 reason = "stop"
                 break
             out.append(tok)
+            if logprobs is not None:
+                pending.append(token_logprobs(logits, tok, logprobs))
             stats.tokens, stats.completion_tokens = out, len(out)
             text = self.tokenizer.decode(out)
             hits = [i for i in (text.find(s, max(0, emitted - len(s) + 1)) for s in stops) if i >= 0]
             if hits:
                 if min(hits) > emitted:
-                    yield Piece(text[emitted : min(hits)], tok)
+                    yield Piece(text[emitted : min(hits)], tok, logprobs=pending)
                 reason, by_stop_string = "stop", True
                 break
             if not text.endswith("\ufffd"):  # never split a multi-byte character
                 safe = len(text) - _held_back(text, stops)
                 if safe > emitted:
-                    yield Piece(text[emitted:safe], tok)
-                    emitted = safe
+                    yield Piece(text[emitted:safe], tok, logprobs=pending)
+                    emitted, pending = safe, []
             if self.backend.n_past >= self.backend.n_ctx:
                 break  # context full: finish as "length"
             logits = self.backend.eval([tok])
@@ -164,5 +187,5 @@ class Session:
         if not by_stop_string and out:
             text = self.tokenizer.decode(out)
             if len(text) > emitted:
-                yield Piece(text[emitted:], None)
+                yield Piece(text[emitted:], None, logprobs=pending)
         yield Piece("", None, finish_reason=reason)

@@ -82,25 +82,31 @@ class Model:
     def create_completion(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.8,
                           top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
                           stop: str | list[str] | None = None, stream: bool = False,
-                          stream_options: dict | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
+                          stream_options: dict | None = None, logprobs: int | None = None, cancel=None
+                          ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Complete ``prompt``; returns an OpenAI ``text_completion`` dict, or an iterator of
         chunks of that shape when ``stream=True`` (with ``stream_options={"include_usage": True}``
         a last chunk with no choices carries the token counts). ``temperature=0`` decodes greedily.
+        ``logprobs=N`` (0..20) adds each token's log-probability and the N most likely alternatives.
+        ``cancel`` (a threading.Event) ends the generation before the next token once set
+        (finish_reason "cancelled"): a server stops a request whose client went away.
 
         >>> import edge
         >>> with edge.load() as m:
         ...     for chunk in m.create_completion("import ", max_tokens=4, stream=True, seed=1):
         ...         _ = chunk["choices"][0]["text"]
         """
-        return self._respond(Response(self.name, "text_completion"), prompt, max_tokens, temperature, top_p, top_k,
-                             seed, stop, stream, stream_options)
+        return self._respond(Response(self.name, "text_completion", self._token_text if logprobs is not None else None),
+                             prompt, max_tokens, temperature, top_p, top_k, seed, stop, stream, stream_options,
+                             logprobs, cancel)
 
     __call__ = create_completion
 
     def create_chat_completion(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
                                temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
                                stop: str | list[str] | None = None, stream: bool = False,
-                               stream_options: dict | None = None, template_kwargs: dict | None = None
+                               stream_options: dict | None = None, template_kwargs: dict | None = None,
+                               logprobs: bool = False, top_logprobs: int = 0, cancel=None
                                ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer a conversation (OpenAI ``messages``: dicts with ``role`` and ``content``), laid out
         by the model's own chat template; returns a ``chat.completion`` dict, or an iterator of
@@ -108,7 +114,8 @@ class Model:
         end-of-turn tokens, a stop string, ``max_tokens`` (default: what the context has room for)
         or a full context. ``template_kwargs`` reach the template as variables (e.g. Qwen3's
         ``{"enable_thinking": False}``). The conversation's tokens stay cached: the next call with
-        this conversation plus a reply reads only the new turn.
+        this conversation plus a reply reads only the new turn. ``logprobs=True`` adds each token's
+        log-probability, with ``top_logprobs`` (0..20) alternatives.
 
         >>> import edge
         >>> with edge.load() as m:
@@ -124,16 +131,23 @@ class Model:
         ids = self.tokenizer.encode_special(text)
         if max_tokens is None:
             max_tokens = max(0, self.backend.n_ctx - len(ids))
-        return self._respond(Response(self.name, "chat.completion"), ids, max_tokens, temperature, top_p, top_k,
-                             seed, stop, stream, stream_options)
+        return self._respond(Response(self.name, "chat.completion", self._token_text if logprobs else None), ids,
+                             max_tokens, temperature, top_p, top_k, seed, stop, stream, stream_options,
+                             top_logprobs if logprobs else None, cancel)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def _respond(self, response: Response, prompt: str | list[int], max_tokens: int, temperature: float,
                  top_p: float, top_k: int, seed: int | None, stop: str | list[str] | None, stream: bool,
-                 stream_options: dict | None) -> dict[str, Any] | Iterator[dict[str, Any]]:
+                 stream_options: dict | None, logprobs: int | None, cancel) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise EdgeError(f"logprobs must be 0..20, got {logprobs}")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = Generation()
-        pieces = self._session.generate(prompt, max_tokens=max_tokens, sampling=sampling, stop=stops, stats=stats)
+        pieces = self._session.generate(prompt, max_tokens=max_tokens, sampling=sampling, stop=stops, stats=stats,
+                                        logprobs=logprobs, cancel=cancel)
         if stream:
             return response.stream(pieces, stats, include_usage=bool((stream_options or {}).get("include_usage")))
         return response.whole(pieces, stats)
