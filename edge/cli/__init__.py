@@ -23,7 +23,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 for command in (build.inspect, build.build, run.run, run.chat, moe.trace, moe.locality, device.profile,
-                device.plan, device.deploy, device.bench, serve.serve, serve.ps):
+                device.plan, device.deploy, device.bench, serve.serve, serve.ps, serve.monitor):
     app.command()(command)
 
 

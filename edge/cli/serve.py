@@ -89,3 +89,18 @@ def ps(url: str = typer.Argument("http://127.0.0.1:8000", help="The server's add
               f"{status['hit_rate']:.0%}" if status.get("hit_rate") is not None else "-",
               str(status["running"]), str(status["waiting"]))
     out.print(t)
+
+
+def monitor(url: str = typer.Argument("http://127.0.0.1:8000", help="The server's address."),
+            api_key: Optional[str] = typer.Option(None, "--api-key", help="Its key (default: EDGE_API_KEY)."),
+            interval: float = typer.Option(1.0, "--interval", help="Seconds between scrapes of /metrics.")) -> None:
+    """A live view of a running edge server: memory against budget, tokens/s, time to first token,
+    expert-cache hit rate per layer, bits served, SSD MB/s, BitStack level, the request queue;
+    b changes an offload model's memory budget, q quits."""
+    from edge.monitor.app import Monitor
+    from edge.monitor.source import ServerSource
+
+    if interval <= 0:
+        raise EdgeError(f"--interval must be > 0 seconds, got {interval}")
+    source = ServerSource(url, api_key or os.environ.get("EDGE_API_KEY"))
+    Monitor(source.metrics_text, where=url, interval=interval, set_budget=source.set_budget).run()

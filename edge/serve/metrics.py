@@ -26,6 +26,12 @@ class EngineCollector:
             "resident": GaugeMetricFamily("edge:resident_bytes", "resident memory of the process", labels=["slot"]),
             "budget": GaugeMetricFamily("edge:memory_budget_bytes", "the memory budget", labels=["slot"]),
             "stack": GaugeMetricFamily("edge:stack_level", "BitStack blocks loaded", labels=["slot"]),
+            "lq": CounterMetricFamily("edge:expert_cache_layer_queries", "expert cache lookups per layer",
+                                      labels=["slot", "layer"]),
+            "lh": CounterMetricFamily("edge:expert_cache_layer_hits", "expert cache hits per layer", labels=["slot", "layer"]),
+            "bits": CounterMetricFamily("edge:experts_served", "expert computations by what was loaded (bits or types)",
+                                        labels=["slot", "bits"]),
+            "tps": GaugeMetricFamily("edge:decode_tokens_per_second", "the engine's decode speed so far", labels=["slot"]),
         }
         for i, m in enumerate(self.models):
             t = m.metrics()
@@ -39,6 +45,13 @@ class EngineCollector:
                 fams["budget"].add_metric(slot, t["memory_budget_bytes"])
             if t.get("stack_blocks") is not None:
                 fams["stack"].add_metric(slot, t["stack_blocks"])
+            for layer, x in enumerate(t.get("per_layer", [])):
+                fams["lq"].add_metric(slot + [str(layer)], x["hits"] + x["misses"])
+                fams["lh"].add_metric(slot + [str(layer)], x["hits"])
+            for bits, n in t.get("bits_histogram", {}).items():
+                fams["bits"].add_metric(slot + [str(bits)], n)
+            if t.get("decode_tokens_per_s"):
+                fams["tps"].add_metric(slot, t["decode_tokens_per_s"])
         yield from fams.values()
 
 
