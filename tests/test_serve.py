@@ -242,3 +242,16 @@ def test_ps_shows_the_running_server(server):
     p = subprocess.run([sys.executable, "-m", "edge.cli", "ps", "http://127.0.0.1:9"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "no edge server" in p.stderr
+
+
+def test_request_timeout():
+    s = Server("--timeout", "1")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        t0 = time.time()
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="x", prompt="def ", max_tokens=1800, temperature=0)
+        assert e.value.status_code == 504 and time.time() - t0 < 5
+        assert s.metrics()["edge:num_requests_running"] == 0
+    finally:
+        s.stop()
