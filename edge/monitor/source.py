@@ -32,44 +32,43 @@ class Snapshot:
     engine_tok_s: float | None = None
 
 
+# metric sample -> (Snapshot field, how samples of several slots combine)
+SCALARS = {
+    "edge:resident_bytes": ("resident_bytes", max), "edge:memory_budget_bytes": ("budget_bytes", max),
+    "edge:generation_tokens_total": ("generation_tokens", max),
+    "edge:time_to_first_token_seconds_sum": ("ttft_sum", max),
+    "edge:time_to_first_token_seconds_count": ("ttft_count", max),
+    "edge:ssd_read_bytes_total": ("ssd_bytes", sum), "edge:expert_cache_queries_total": ("cache_queries", sum),
+    "edge:expert_cache_hits_total": ("cache_hits", sum), "edge:stack_level": ("stack_level", max),
+    "edge:num_requests_running": ("running", max), "edge:num_requests_waiting": ("waiting", max),
+    "edge:decode_tokens_per_second": ("engine_tok_s", max),
+}
+# metric sample -> (Snapshot dict field, the label that keys it); slots add up
+KEYED = {
+    "edge:expert_cache_layer_queries_total": ("layer_queries", "layer"),
+    "edge:expert_cache_layer_hits_total": ("layer_hits", "layer"),
+    "edge:experts_served_total": ("served", "bits"),
+}
+
+
 def parse(text: str, at: float | None = None) -> Snapshot:
     """A Snapshot of a /metrics page (Prometheus text, parsed by prometheus_client)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     s = Snapshot(at=time.time() if at is None else at)
+    seen: dict[str, list[float]] = {}
     for fam in text_string_to_metric_families(text):
         for x in fam.samples:
-            n, v, lab = x.name, x.value, x.labels
-            if n == "edge:resident_bytes":
-                s.resident_bytes = max(s.resident_bytes, v)
-            elif n == "edge:memory_budget_bytes":
-                s.budget_bytes = v
-            elif n == "edge:generation_tokens_total":
-                s.generation_tokens = v
-            elif n == "edge:time_to_first_token_seconds_sum":
-                s.ttft_sum = v
-            elif n == "edge:time_to_first_token_seconds_count":
-                s.ttft_count = v
-            elif n == "edge:ssd_read_bytes_total":
-                s.ssd_bytes += v
-            elif n == "edge:expert_cache_queries_total":
-                s.cache_queries += v
-            elif n == "edge:expert_cache_hits_total":
-                s.cache_hits += v
-            elif n == "edge:expert_cache_layer_queries_total":
-                s.layer_queries[int(lab["layer"])] = s.layer_queries.get(int(lab["layer"]), 0) + v
-            elif n == "edge:expert_cache_layer_hits_total":
-                s.layer_hits[int(lab["layer"])] = s.layer_hits.get(int(lab["layer"]), 0) + v
-            elif n == "edge:experts_served_total":
-                s.served[lab["bits"]] = s.served.get(lab["bits"], 0) + v
-            elif n == "edge:stack_level":
-                s.stack_level = v
-            elif n == "edge:num_requests_running":
-                s.running = v
-            elif n == "edge:num_requests_waiting":
-                s.waiting = v
-            elif n == "edge:decode_tokens_per_second":
-                s.engine_tok_s = v
+            if x.name in SCALARS:
+                seen.setdefault(x.name, []).append(x.value)
+            elif x.name in KEYED:
+                name, label = KEYED[x.name]
+                key = int(x.labels[label]) if label == "layer" else x.labels[label]
+                values = getattr(s, name)
+                values[key] = values.get(key, 0) + x.value
+    for metric, values in seen.items():
+        name, combine = SCALARS[metric]
+        setattr(s, name, combine(values))
     return s
 
 
