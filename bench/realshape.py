@@ -209,7 +209,8 @@ def table(res: dict) -> list[str]:
                                                  for t in when))
     lines.append(f"model {res['model']}: {res['size'] / GiB:.2f} GiB Q4_K_M GGUF, cap {res['cap'] / GiB:.2f} GiB, "
                  f"{tokens} tokens, median of {res['runs']} (llama.cpp combinations: 1 run each, the fastest "
-                 f"{res['runs']}), disk O_DIRECT sequential {disk:.0f} MB/s")
+                 f"{res['runs']}), disk O_DIRECT sequential {disk:.0f} MB/s"
+                 + (f" (measured {res['disk_measured']})" if res.get("disk_measured") else ""))
     lines.append(f"{'system':55s} {'tok/s':>7s} {'ratio':>6s} {'TTFT s':>7s} {'MB read/tok':>11s} {'hit':>5s} "
                  f"{'cgroup MiB':>10s} {'RSS MiB':>8s} {'disk-bound tok/s':>16s} {'of bound':>8s}")
     # The baseline: the llama.cpp combination fastest by its median, the fastest single run's three
@@ -266,6 +267,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the recorded results (--root/MODEL-results.json) for the systems not run "
                          "now; the table says when each ran")
+    ap.add_argument("--disk", action="store_true",
+                    help="with --replan: measure the disk's O_DIRECT sequential speed again for the I/O bound")
     ap.add_argument("--replan", action="store_true",
                     help="make the plan again for each model's recorded results (--root/MODEL-results.json) and "
                          "print its table: the plan is made now, the measurements are the recorded run's")
@@ -280,7 +283,11 @@ def main() -> None:
     if args.replan:
         for model in args.models.split(","):
             res = json.loads((args.root / f"{model}-results.json").read_text())
-            res["planned"] = planned(args.root / f"{model}-q4_k_m.gguf", res["cap"])
+            gguf = args.root / f"{model}-q4_k_m.gguf"
+            res["planned"] = planned(gguf, res["cap"])
+            if args.disk:  # the run's own reading may have met a busy disk (model A's: writeback of its build)
+                res["disk_mbps"], res["disk_measured"] = disk_mbps(gguf), time.strftime("%Y-%m-%d %H:%M")
+                (args.root / f"{model}-results.json").write_text(json.dumps(res, indent=1, default=str))
             print("\n".join(table(res)) + "\n", flush=True)
         return
     for model in args.models.split(","):
