@@ -62,7 +62,7 @@ async def one(client, url: str, prompt: str, max_tokens: int, t0: float, arrival
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        async with client.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             status = r.status_code
             if status == 200:
                 async for line in r.aiter_lines():
