@@ -60,3 +60,62 @@ def has_amx_int8() -> bool:
     fn = ggml_cpu().ggml_cpu_has_amx_int8
     fn.restype = ctypes.c_int
     return bool(fn())
+
+
+@functools.cache
+def ggml_registry() -> ctypes.CDLL:
+    """libggml (the backend registry: devices, the RPC backend's entry points), typed."""
+    ggml_cpu()
+    g = ctypes.CDLL(str(lib_dir() / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+    for name, res, args in [("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+                            ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+                            ("ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p]),
+                            ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+                            ("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
+                            ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])]:
+        fn = getattr(g, name)
+        fn.restype, fn.argtypes = res, args
+    return g
+
+
+def rpc_proc(name: str, prototype):
+    """An entry point of llama.cpp's RPC backend (``ggml_backend_rpc_add_server``, ...), reached
+    through the registry as llama.cpp's own tools reach it."""
+    g = ggml_registry()
+    reg = g.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise EdgeError("this llama-cpp-python was built without the RPC backend: reinstall it with "
+                        'CMAKE_ARGS="-DGGML_RPC=on"')
+    addr = g.ggml_backend_reg_get_proc_address(reg, name.encode())
+    if not addr:
+        raise EdgeError(f"llama.cpp's RPC backend has no {name}")
+    return prototype(addr)
+
+
+def rpc_devices(endpoint: str) -> list[int]:
+    """The ggml devices of the RPC server at ``endpoint`` (host:port), registered once per process.
+    llama.cpp aborts the process when the server does not answer: callers run this where that is
+    survivable (edge.d2d runs generation in a child process)."""
+    add = rpc_proc("ggml_backend_rpc_add_server", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p))
+    g = ggml_registry()
+    reg = add(endpoint.encode())
+    return [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
+
+
+def die_with_parent(poll_s: float = 0.5) -> None:
+    """This process ends when its parent does, so a helper process (an RPC server, a group's
+    llama.cpp) never outlives the agent or SDK that owns it: a daemon thread watches the parent's
+    pid (prctl's PDEATHSIG would follow the parent *thread*, and the SDK may start helpers from
+    a thread that ends, the server's loader for one)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="edge-parent-watch", daemon=True).start()

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from edge.cli import build, device, moe, run, serve
+from edge.cli import build, device, moe, peers, run, serve
 from edge.cli.output import configure_logging, err
 from edge.errors import EdgeError
 
@@ -25,6 +25,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 for command in (build.inspect, build.build, run.run, run.chat, moe.trace, moe.locality, device.profile,
                 device.plan, device.deploy, device.bench, serve.serve, serve.ps, serve.monitor):
     app.command()(command)
+app.add_typer(peers.peer_app, name="peer")
+app.add_typer(peers.peers_app, name="peers")
 
 
 def main() -> None:

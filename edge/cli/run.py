@@ -11,12 +11,19 @@ from edge.cli.output import ModelOpt, err, out
 from edge.errors import EdgeError
 
 
-def _load(model, backend, n_ctx, threads, verify, budget=None, options=None):
+PeersOpt = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,host:port (edge peer serve on each).")
+
+
+def _peers(text: Optional[str]):
+    return None if text is None else ("auto" if text == "auto" else [p for p in text.split(",") if p])
+
+
+def _load(model, backend, n_ctx, threads, verify, budget=None, options=None, peers=None):
     from edge.cli.output import say_notes
     from edge.sdk import load
 
     m = load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, verify=verify, memory_budget=budget,
-             offload=options)
+             offload=options, peers=_peers(peers))
     say_notes(m.notes)
     return m
 
@@ -42,7 +49,8 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
         prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Offload: load the next layer's experts ahead (default: the plan's, else on)."),
         elastic: bool = typer.Option(False, "--elastic", help="Offload: follow the memory free right now (resize between --floor and the budget)."),
         floor: Optional[str] = typer.Option(None, "--floor", help="--elastic: never shrink below this budget."),
-        metrics: bool = typer.Option(False, "--metrics", help="Print the engine's telemetry as JSON on stderr at the end.")) -> None:
+        metrics: bool = typer.Option(False, "--metrics", help="Print the engine's telemetry as JSON on stderr at the end."),
+        peers: Optional[str] = PeersOpt) -> None:
     """Complete one prompt and print prompt + completion. A bundle made by edge deploy runs as its
     plan.json says (one line on stderr says so); each option given overrides that one setting."""
     from edge.sdk import OffloadOptions
@@ -50,7 +58,7 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
     options = OffloadOptions(policy=policy, bits=bits, min_bits=min_bits, pin_bits=pin_bits, prefetch=prefetch)
     if elastic and memory_budget is None:
         raise EdgeError("--elastic needs --memory-budget: the budget it starts from and never exceeds")
-    with _load(model, backend, n_ctx, threads, verify, memory_budget, options) as m:
+    with _load(model, backend, n_ctx, threads, verify, memory_budget, options, peers) as m:
         if elastic:
             m.elastic(floor=floor)
         kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -75,14 +83,15 @@ def chat(model: Optional[str] = ModelOpt,
          chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template file to use instead of the model's own."),
          n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (default: the plan's, else 2048)."),
          threads: Optional[int] = typer.Option(None, "--threads"),
-         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the whole process stays under this.")) -> None:
+         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the whole process stays under this."),
+         peers: Optional[str] = PeersOpt) -> None:
     """A conversation with the model, laid out by its own chat template; the model's tokens of the
     conversation stay cached between turns. /reset starts again, /exit or Ctrl-D quits. A model with
     no chat template continues one running text instead (said once)."""
     from edge.sdk import load
 
     with load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, memory_budget=memory_budget,
-              chat_template=chat_template) as m:
+              chat_template=chat_template, peers=_peers(peers)) as m:
         from edge.cli.output import say_notes
 
         say_notes(m.notes)

@@ -15,8 +15,10 @@ from edge.errors import EdgeError
 def _load(settings):
     from edge.sdk import load
 
+    peers = settings.peers
     return load(settings.model, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                memory_budget=settings.memory_budget, chat_template=settings.chat_template)
+                memory_budget=settings.memory_budget, chat_template=settings.chat_template,
+                peers=None if peers is None else ("auto" if peers == "auto" else [p for p in peers.split(",") if p]))
 
 
 def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF file or bundle (default: EDGE_MODEL, else the embedded default model)."),
@@ -30,7 +32,8 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF f
           memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the process stays under this."),
           n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length."),
           threads: Optional[int] = typer.Option(None, "--threads"),
-          chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template file instead of the model's own.")) -> None:
+          chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template file instead of the model's own."),
+          peers: Optional[str] = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,... (EDGE_PEERS).")) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, Prometheus /metrics and a bounded request queue."""
     import uvicorn
@@ -41,7 +44,7 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF f
 
     given = dict(model=model, host=host, port=port, api_key=api_key, concurrency=concurrency, queue_size=queue_size,
                  request_timeout=timeout, backend=backend, memory_budget=memory_budget, n_ctx=n_ctx, threads=threads,
-                 chat_template=chat_template)
+                 chat_template=chat_template, peers=peers)
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:

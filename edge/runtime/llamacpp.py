@@ -34,12 +34,17 @@ class LoadOptions:
     load_mode: str = "mmap"  # mmap (default: pages come from the file as used), none, direct_io, mlock, ...
     lazy_mode: str = "off"  # off, auto (arch-marked tensors > 4 GiB read on demand), on (all marked ones)
     extra_bufts: bool | None = None  # repack weights into llama.cpp's extra buffer types
+    # layers run by llama.cpp RPC servers: (endpoint host:port, layer count) in order; the first
+    # n_layers - sum(counts) layers, the embeddings and the output stay on this CPU
+    rpc_layers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.load_mode not in LOAD_MODES:
             raise EdgeError(f"unknown llama.cpp load mode {self.load_mode!r}; choose {', '.join(LOAD_MODES)}")
         if self.lazy_mode not in LAZY_MODES:
             raise EdgeError(f"unknown llama.cpp lazy mode {self.lazy_mode!r}; choose {', '.join(LAZY_MODES)}")
+        if any(n < 0 for _, n in self.rpc_layers):
+            raise EdgeError(f"RPC layer counts cannot be negative: {self.rpc_layers}")
 
 
 _warned_amx: list[bool] = []
@@ -66,7 +71,36 @@ def model_params(opt: LoadOptions, *, vocab_only: bool = False):
     p.load_mode = getattr(llama_cpp, f"LLAMA_LOAD_MODE_{opt.load_mode.upper()}")
     p.lazy_mode = getattr(llama_cpp, f"LLAMA_LAZY_MODE_{opt.lazy_mode.upper()}")
     p.use_extra_bufts = False if vocab_only else _extra_bufts(opt)  # a vocabulary has no weights to repack
+    if opt.rpc_layers and not vocab_only:
+        _place_on_rpc(p, opt.rpc_layers)
     return p
+
+
+_keep_alive: list = []  # the device and split arrays llama.cpp reads while it loads
+
+
+def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...]) -> None:
+    """Point llama_model_params at the RPC servers' devices with a layer split: n_gpu_layers is the
+    remote layers' total (llama.cpp offloads the last ones, so the output stays here), tensor_split
+    their counts (llama.cpp splits by cumulative fractions, which exact counts reproduce)."""
+    import ctypes
+
+    from edge._llamacpp import rpc_devices
+
+    used = [(ep, n) for ep, n in rpc_layers if n > 0]
+    devices, split = [], []
+    for ep, n in used:
+        devs = rpc_devices(ep)
+        if not devs:
+            raise EdgeError(f"the RPC server at {ep} has no devices")
+        devices.append(devs[0])
+        split.append(float(n))
+    arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    ts = (ctypes.c_float * 128)(*split)
+    _keep_alive[:] = [arr, ts]
+    p.devices = ctypes.cast(arr, ctypes.c_void_p).value
+    p.tensor_split = ctypes.cast(ts, type(p.tensor_split))
+    p.n_gpu_layers = int(sum(split))
 
 
 def load_model(path: Path, opt: LoadOptions = LoadOptions(), *, vocab_only: bool = False):

@@ -21,7 +21,8 @@ BACKENDS = ("auto", "reference", "llamacpp", "offload")
 
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int | None = None,
          n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
-         offload: OffloadOptions | None = None, chat_template: str | os.PathLike | None = None) -> Model:
+         offload: OffloadOptions | None = None, chat_template: str | os.PathLike | None = None,
+         peers: list[str] | str | None = None) -> Model:
     """Load a model for generation.
 
     ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
@@ -41,6 +42,11 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     ``tokenizer.chat_template``, a folder's chat_template.jinja or tokenizer_config.json);
     ``chat_template`` (a Jinja template, or a file holding one) replaces it.
 
+    ``peers`` (a list of ``host:port`` of paired `edge peer serve` agents, or ``"auto"`` for mDNS
+    discovery) runs a GGUF (or a checkpoint's converted GGUF) across this device and those peers
+    on llama.cpp's RPC backend, its layers split by measured speed, memory and links; with
+    ``memory_budget`` this device holds no more than that, the other layers go to the peers.
+
     >>> import edge
     >>> m = edge.load()
     >>> m.spec.n_experts, m.spec.top_k
@@ -52,7 +58,10 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     budget = parse_budget(memory_budget)
     template = _given_template(chat_template) if chat_template is not None else None  # checked before loading
     src = resolve(model)
-    m = _load(src, backend, n_ctx, n_threads, verify, budget, offload)
+    if peers is not None:
+        m = _load_across(src, backend, n_ctx, n_threads, budget, peers)
+    else:
+        m = _load(src, backend, n_ctx, n_threads, verify, budget, offload)
     if template is not None:  # the special tokens it may name are the model's
         template.special_tokens = dict(m.tokenizer.special_tokens)
         m.chat_template = template
@@ -87,6 +96,21 @@ def _load(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, v
     from edge.formats.hf import load_weights
 
     return _reference(load_weights(src.path), src, hf_tokenizer_file(src.path), hf_special_ids(src.path)[1], n_ctx)
+
+
+def _load_across(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, budget: int | None,
+                 peers: list[str] | str) -> Model:
+    from edge.sdk.group import load_group
+
+    if backend not in ("auto", "llamacpp"):
+        raise EdgeError(f"a model run across peers runs on llama.cpp's RPC backend; --backend {backend} does not apply")
+    if src.kind == "gguf":
+        path = src.path
+    elif src.kind == "hf":
+        path = _cached_gguf(src)
+    else:
+        raise EdgeError("a model run across peers is a GGUF file or a checkpoint folder, not a bundle")
+    return load_group(path, src.name, peers, n_ctx=n_ctx or 2048, n_threads=n_threads, budget=budget)
 
 
 def _load_gguf_file(src: Source, backend: str, n_ctx: int, n_threads: int | None, budget: int | None,

@@ -24,6 +24,7 @@ class ServeSettings(BaseSettings):
     n_ctx: int | None = Field(None, ge=16)
     threads: int | None = Field(None, ge=1)
     chat_template: str | None = None
+    peers: str | None = Field(None, description="run across paired peers: 'auto' (mDNS) or host:port,host:port")
 
     @property
     def exposed(self) -> bool:

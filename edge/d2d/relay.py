@@ -1,0 +1,158 @@
+"""The coordinator's end of the RPC tunnels: for each admitted peer, a listener on 127.0.0.1 that
+llama.cpp's RPC client connects to, each connection carried to the peer inside a mutually
+authenticated TLS channel (``rpc`` op of edge.d2d.agent) and on to the peer's loopback RPC
+server. Counts the bytes each way per peer: what the cross-device traffic really is.
+
+Runs its own asyncio loop in a thread, so it outlives the process it serves: generation runs in a
+child process (llama.cpp aborts the process whose RPC peer dies), the relay stays with the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+
+from edge.d2d.agent import nodelay, splice
+from edge.d2d.identity import Identity
+from edge.d2d.wire import MAX_LINE, read_msg, write_msg
+from edge.errors import EdgeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tunnel:
+    peer: str                 # host:port of the peer agent
+    local_port: int
+    sent: int = 0             # coordinator -> peer bytes
+    received: int = 0         # peer -> coordinator bytes
+    turns: int = 0            # exchanges: coordinator -> peer bytes after peer -> coordinator ones
+    _last_up: bool = False
+    connections: int = 0
+    broken: str | None = None  # why the last connection to the peer failed, if it did
+    lost: str | None = None    # why the heartbeat declared the peer gone, once it has
+
+    def up(self, n: int) -> None:
+        self.sent += n
+        if not self._last_up:
+            self.turns += 1
+        self._last_up = True
+
+    def down(self, n: int) -> None:
+        self.received += n
+        self._last_up = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.local_port}"
+
+
+class Relay:
+    """``with Relay(identity, ["10.0.0.2:50600", ...]) as r: r.tunnels[i].endpoint``"""
+
+    def __init__(self, identity: Identity, peers: list[str], timeout: float = 5.0,
+                 heartbeat_s: float = 0.25, lost_after_s: float = 1.0):
+        self.identity, self.timeout = identity, timeout
+        self.heartbeat_s, self.lost_after_s = heartbeat_s, lost_after_s
+        self.tunnels = [Tunnel(p, 0) for p in peers]
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, name="edge-d2d-relay", daemon=True)
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._open(), self._loop)
+        fut.result(timeout=10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def _open(self) -> None:
+        for t in self.tunnels:
+            server = await asyncio.start_server(lambda r, w, t=t: self._carry(t, r, w), "127.0.0.1", 0)
+            t.local_port = server.sockets[0].getsockname()[1]
+            self._servers.append(server)
+            self._tasks.append(asyncio.ensure_future(self._heartbeat(t)))  # held: the loop keeps weak refs
+
+    async def _heartbeat(self, t: Tunnel) -> None:
+        """A line echoed every ``heartbeat_s`` on a channel of its own: a peer that does not answer
+        within ``lost_after_s`` (killed, frozen or cut off, where TCP alone would wait minutes) is lost."""
+        host, _, port = t.peer.rpartition(":")
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port), ssl=self.identity.client_context(),
+                                                                  server_hostname=None), self.timeout)
+            await write_msg(w, {"op": "echo"})
+            await asyncio.wait_for(read_msg(r), self.timeout)
+            nodelay(w)
+            i = 0
+            while True:
+                i += 1
+                w.write(b"%d\n" % i)
+                await w.drain()
+                if await asyncio.wait_for(r.readline(), self.lost_after_s) != b"%d\n" % i:
+                    raise ConnectionError("the channel closed")
+                await asyncio.sleep(self.heartbeat_s)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            t.lost = f"peer {t.peer} stopped answering (no heartbeat reply within {self.lost_after_s:.1f} s)"
+        except (OSError, EdgeError) as e:
+            t.lost = f"peer {t.peer} went away ({e or type(e).__name__})"
+        log.warning("%s", t.lost)
+
+    def lost(self) -> list[str]:
+        """Why each lost peer is lost."""
+        return [t.lost for t in self.tunnels if t.lost]
+
+    async def _carry(self, t: Tunnel, reader, writer) -> None:
+        host, _, port = t.peer.rpartition(":")
+        t.connections += 1
+        try:
+            pr, pw = await asyncio.wait_for(asyncio.open_connection(host, int(port), limit=MAX_LINE,
+                                                                     ssl=self.identity.client_context(),
+                                                                     server_hostname=None), self.timeout)
+            await write_msg(pw, {"op": "rpc"})
+            reply = await asyncio.wait_for(read_msg(pr), self.timeout)
+            if not reply.get("ok"):
+                raise EdgeError(reply.get("error", "refused"))
+        except (TimeoutError, OSError, EdgeError) as e:
+            t.broken = f"{t.peer}: {e or type(e).__name__}"
+            log.warning("RPC tunnel to %s failed: %s", t.peer, t.broken)
+            writer.close()
+            return
+        nodelay(pw, writer)  # RPC is many small messages
+        try:
+            await splice((reader, writer), (pr, pw), t.up, t.down)
+        except asyncio.CancelledError:  # the relay is closing
+            writer.close()
+            pw.close()
+
+    def traffic(self) -> dict[str, tuple[int, int]]:
+        """Bytes sent to and received from each peer so far."""
+        return {t.peer: (t.sent, t.received) for t in self.tunnels}
+
+    def turns(self) -> dict[str, int]:
+        """Request-reply exchanges with each peer so far (round trips llama.cpp waited on, at most)."""
+        return {t.peer: t.turns for t in self.tunnels}
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def shut():
+            for s in self._servers:
+                s.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

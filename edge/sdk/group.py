@@ -1,0 +1,82 @@
+"""``edge.load(gguf, peers=[...])``: one GGUF run across this device and the members of its
+cluster (edge.d2d): each member asked who it is and its link measured, the layers split by
+predicted time per token (edge.d2d.planning), llama.cpp run over its RPC backend in a supervised
+process; a member lost mid-generation is replaced by a new split over the members left."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+log = logging.getLogger(__name__)
+DEFAULT_PORT = 50600
+
+
+def measure_peers(identity, addresses: list[str]) -> list:
+    """PeerInfo of every member at ``addresses`` (hello + measured link); unreachable ones are
+    left out with a warning, none reachable is an error."""
+    from edge.d2d.client import PeerUnreachable, hello, measure_link, parse_address
+    from edge.d2d.planning import PeerInfo
+
+    infos = []
+    for a in addresses:
+        host, port = parse_address(a, DEFAULT_PORT)
+        try:
+            h = hello(identity, host, port)
+            infos.append(PeerInfo(f"{host}:{port}", h["member"], int(h["free_bytes"]), h.get("profile") or {},
+                                  measure_link(identity, host, port)))
+        except PeerUnreachable as e:
+            log.warning("%s: left out of the group", e)
+    if not infos:
+        raise EdgeError(f"none of the {len(addresses)} peers answered: {', '.join(addresses)}")
+    return infos
+
+
+def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_threads: int | None,
+               budget: int | None = None, identity_dir: Path | None = None):
+    """``budget``: what this device may hold in all (this process and the group's llama.cpp
+    process); the layers it cannot hold go to the peers."""
+    from edge.d2d.backend import GroupBackend
+    from edge.d2d.discovery import discover
+    from edge.d2d.identity import Identity
+    from edge.d2d.agent import memory_now
+    from edge.d2d.planning import place
+    from edge.device.profile import cached_profile
+    from edge.formats.gguf_read import read_spec
+    from edge.hardware import default_threads
+    from edge.paths import cache_dir
+    from edge.runtime.llamacpp import load_model
+    from edge.runtime.tokenizer import LlamaCppTokenizer
+    from edge.sdk.model import Model
+
+    identity = Identity(identity_dir or cache_dir("d2d"))
+    if not identity.paired:
+        raise EdgeError(f"this device is in no cluster ({identity.folder}): pair peers with 'edge peers pair HOST --code CODE'")
+    addresses = discover(identity) if peers == "auto" else list(peers)
+    if not addresses:
+        raise EdgeError("no peers of this cluster found by mDNS; give them as host:port")
+    infos = measure_peers(identity, addresses)
+    p = cached_profile()
+    me = memory_now() | {"profile": {"llama_stream_gbps": p.llama_stream_gbps, "llama_layer_us": p.llama_layer_us}}
+    if budget is not None:
+        import psutil
+
+        me["free_bytes"] = min(me["free_bytes"], budget - psutil.Process().memory_info().rss)
+    spec = read_spec(path)
+    n_ctx = min(n_ctx, spec.context_length)
+    split, placement = place(path, me, infos, n_ctx)
+
+    def replan(old, lost: list[str]):
+        left = [i for i in infos if i.address not in lost]
+        return place(path, me, left, n_ctx)[1] if left else []
+
+    backend = GroupBackend(path, identity, placement, n_ctx=n_ctx, threads=n_threads or default_threads(),
+                           replan=replan)
+    vocab = load_model(path, vocab_only=True)
+    notes = (f"run across {len(placement)} peer(s): predicted {1 / split.predicted_s:.1f} tok/s "
+             f"({split.compute_s * 1e3:.1f} ms compute + {split.network_s * 1e3:.1f} ms network per token)",
+             *split.reasons)
+    return Model(name=name, spec=spec, backend=backend, tokenizer=LlamaCppTokenizer(vocab, path.name), source=path,
+                 notes=notes)
