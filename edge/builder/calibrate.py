@@ -21,7 +21,22 @@ from edge.runtime.offload.prefetch import prefetch_guess
 
 CALIBRATION_TOKENS = 2048
 WINDOW = 512  # tokens per independent context, as perplexity is measured
-BATCH = 64  # tokens per forward pass: the engine's scratch for a batch's MoE layer grows with it
+MIN_BATCH = 64
+
+
+def batch_for(spec) -> int:
+    """Tokens per forward pass of the calibration engine. With one cache slot per layer, each pass
+    reads every expert its tokens route to, so a batch of 64 read model A's whole 16 GB expert
+    store once per 64 tokens (520 GB for 2048 tokens: two hours here). The pass's scratch grows
+    with the batch (moe.sizing.scratch_bytes); the build already holds one tensor as float32 at a
+    time (the larger of the embedding and one expert matrix), so the batch is the largest multiple
+    of 64 up to WINDOW whose scratch stays within that: calibration adds no peak of its own."""
+    from edge.moe.sizing import scratch_bytes
+
+    largest = 4 * max(spec.vocab_size * spec.hidden_size, spec.expert_ffn_size * spec.hidden_size)
+    per_token = max(1, scratch_bytes(spec, 1024) - scratch_bytes(spec, 0)) / 1024
+    n = int(largest // per_token) // MIN_BATCH * MIN_BATCH
+    return max(MIN_BATCH, min(WINDOW, n))
 
 
 def calibration_tokens(encode: Callable[[str], list[int]], text: Path | None = None,

@@ -100,7 +100,7 @@ def _calibrate(tmp: Path, index, spec, tok_info: TokenizerInfo, text: Path | Non
     bits = np.full((spec.n_layers, spec.n_experts), min(4, index.layout.max_bits), dtype=np.int64)
     config = OffloadConfig(slots=(1,) * spec.n_layers, bits=bits, prefetch=False, threads=default_threads())
     engine = OffloadEngine(trunk, NestedExperts(ExpertStore(tmp / "experts.bin", index), prefetch=False), config,
-                           n_ctx=calibrate.WINDOW, batch=calibrate.BATCH)
+                           n_ctx=calibrate.WINDOW, batch=calibrate.batch_for(spec))
     try:
         trace, guesses = calibrate.engine_routing(
             engine, tokens, progress=lambda done, tot: say("calibration tokens", done, tot))
