@@ -5,6 +5,7 @@ best setting, inside one cgroup-v1 memory cap, in one run.
     sudo python bench/realshape.py --models B --runs 3
     sudo python bench/realshape.py --models C --systems gguf   # the planner's error on an untuned shape
     sudo python bench/realshape.py --models A --systems bundle --merge  # add rows to A's recorded run
+    sudo python bench/realshape.py --models A --llama-modes mmap/on/off  # llama.cpp: only the sweep's fastest
 
 Models (bench/moe_gguf.py, random weights quantized by ggml at llama.cpp's Q4_K_M mix): A has
 Qwen3-30B-A3B's exact shape (17.3 GiB), capped at 8 GiB; B has OLMoE-1B-7B's (3.9 GiB), capped at
@@ -53,6 +54,32 @@ LLAMA_MODES = [dict(load_mode=lm, lazy_mode=lz, extra_bufts=eb)
 SYSTEMS = frozenset({"llamacpp", "gguf", "bundle"})
 
 
+class AnonPeak:
+    """The largest anonymous memory (the cgroup's memory.stat ``rss``: no page cache, no mapped file
+    pages) of a group's processes, sampled every 0.2 s: what a build really holds, where the peak
+    RSS of /usr/bin/time also counts the pages of files it has mapped."""
+
+    def __init__(self, group: Path):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._path = group / "memory.stat"
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                rss = next(int(x.split()[1]) for x in self._path.read_text().splitlines() if x.startswith("rss "))
+            except (OSError, StopIteration):
+                continue
+            self.peak = max(self.peak, rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
 def ensure_inputs(root: Path, model: str, *, bundle_too: bool = True) -> tuple[Path, Path, dict]:
     """The model's GGUF and (``bundle_too``) its nested bundle, each built once, with what building
     the bundle cost."""
@@ -64,16 +91,37 @@ def ensure_inputs(root: Path, model: str, *, bundle_too: bool = True) -> tuple[P
     if bundle_too and not (bundle / "manifest.json").is_file():
         t0 = time.time()
         with MemoryCap(None) as group:
+            anon = AnonPeak(group.path)
             p = group.run(["/usr/bin/time", "-v", sys.executable, "-m", "edge.cli", "build", str(gguf), "-o",
                            str(bundle), "--format", "offload", "--max-bits", "4", "--force"],
                           capture_output=True, text=True)
             peak = group.peak_bytes
+            anon.stop()
         if p.returncode != 0:
             sys.exit(f"building {bundle} failed: {p.stderr[-800:]}")
         rss = next(int(line.split()[-1]) * 1024 for line in p.stderr.splitlines() if "Maximum resident" in line)
         stats_file.write_text(json.dumps({"seconds": round(time.time() - t0), "peak_rss_bytes": rss,
-                                          "cgroup_peak_bytes": peak}))
+                                          "cgroup_peak_bytes": peak, "peak_anon_bytes": anon.peak}))
     return gguf, bundle, json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+
+
+def mode_name(mode: dict) -> str:
+    return (f"llama.cpp {mode['load_mode']}, lazy {mode['lazy_mode']}, "
+            f"extra bufts {'on' if mode['extra_bufts'] else 'off'}")
+
+
+def parse_modes(text: str) -> list[dict]:
+    """``LOAD/LAZY/BUFTS`` triples, comma-separated (``mmap/on/off``), each one of LLAMA_MODES."""
+    modes = []
+    for item in text.split(","):
+        parts = item.split("/")
+        mode = dict(load_mode=parts[0], lazy_mode=parts[1], extra_bufts=parts[2] == "on") if len(parts) == 3 else None
+        if mode not in LLAMA_MODES or parts[2] not in ("on", "off"):
+            sys.exit(f"error: --llama-modes: {item!r} is not LOAD/LAZY/BUFTS of "
+                     + ", ".join(f"{m['load_mode']}/{m['lazy_mode']}/{'on' if m['extra_bufts'] else 'off'}"
+                                 for m in LLAMA_MODES))
+        modes.append(mode)
+    return modes
 
 
 def run(system: str, path: Path, cap: int, tokens: int, threads: int, opts: dict) -> dict:
@@ -157,7 +205,7 @@ def med(results: list[dict], key: str):
 
 
 def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int, say,
-                systems: frozenset[str] = SYSTEMS) -> dict:
+                systems: frozenset[str] = SYSTEMS, llama_modes: list[dict] = LLAMA_MODES) -> dict:
     gguf, bundle, build = ensure_inputs(root, model, bundle_too="bundle" in systems)
     size = gguf.stat().st_size
     cap = 8 * GiB if model == "A" else int(0.4 * size)
@@ -165,16 +213,14 @@ def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int, sa
     rows: dict[str, list[dict]] = {}
     best = None
     if "llamacpp" in systems:
-        for mode in LLAMA_MODES:
-            name = (f"llama.cpp {mode['load_mode']}, lazy {mode['lazy_mode']}, "
-                    f"extra bufts {'on' if mode['extra_bufts'] else 'off'}")
+        for mode in llama_modes:
             r = run("llamacpp", gguf, cap, tokens, threads, mode)
-            rows[name] = [r]
-            say(f"{model} {name}: {r.get('decode_tok_s', r.get('failed'))}")
+            rows[mode_name(mode)] = [r]
+            say(f"{model} {mode_name(mode)}: {r.get('decode_tok_s', r.get('failed'))}")
         ok = {n: r[0]["decode_tok_s"] for n, r in rows.items() if "failed" not in r[0]}
         best = max(ok, key=ok.get) if ok else None
         if best:
-            mode = LLAMA_MODES[list(rows).index(best)]
+            mode = llama_modes[list(rows).index(best)]
             rows[best] += [run("llamacpp", gguf, cap, tokens, threads, mode) for _ in range(runs - 1)]
     edge_systems = {"edge, straight from the GGUF": ("gguf", gguf, {"memory_budget": cap, "backend": "offload"}),
                     "edge, nested bundle from the GGUF": ("bundle", bundle, {"memory_budget": cap})}
@@ -240,7 +286,8 @@ def table(res: dict) -> list[str]:
                      f"one token at a time: {a['llamacpp_self_top1']:.1%}, {a['llamacpp_self_kl']:.2e})")
     if res["build"]:
         b = res["build"]
-        lines.append(f"nested bundle build: {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**20:.0f} MiB, "
+        anon = f", anonymous memory peak {b['peak_anon_bytes'] / 2**20:.0f} MiB" if b.get("peak_anon_bytes") else ""
+        lines.append(f"nested bundle build: {b['seconds']} s, peak RSS {b['peak_rss_bytes'] / 2**20:.0f} MiB{anon}, "
                      f"cgroup peak {b['cgroup_peak_bytes'] / 2**20:.0f} MiB (page cache included)")
     pl = res["planned"]
     ok = [r for r in res["rows"].get("edge, straight from the GGUF", []) if "failed" not in r]
@@ -264,6 +311,9 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(sorted(SYSTEMS)),
                     help="which of llamacpp (every combination, then agreement), gguf (edge from the file), bundle "
                          "(edge from the nested bundle, built first) to run; the plan is always made")
+    ap.add_argument("--llama-modes", default=None,
+                    help="only these llama.cpp combinations, LOAD/LAZY/BUFTS comma-separated (e.g. mmap/on/off: the "
+                         "fastest of a recorded sweep, run again beside edge); default: all of them")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the recorded results (--root/MODEL-results.json) for the systems not run "
                          "now; the table says when each ran")
@@ -292,7 +342,8 @@ def main() -> None:
         return
     for model in args.models.split(","):
         results[model] = bench_model(model, args.root, args.runs, args.tokens, args.threads,
-                                     lambda msg: print(msg, file=sys.stderr, flush=True), systems)
+                                     lambda msg: print(msg, file=sys.stderr, flush=True), systems,
+                                     parse_modes(args.llama_modes) if args.llama_modes else LLAMA_MODES)
         recorded = args.root / f"{model}-results.json"
         if args.merge and recorded.is_file():
             results[model] = merged(json.loads(recorded.read_text()), results[model])
