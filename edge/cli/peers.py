@@ -76,8 +76,8 @@ def peers(ctx: typer.Context,
     the layers each would run and why."""
     if ctx.invoked_subcommand is not None:
         return
-    from edge.d2d.client import PeerUnreachable, hello, measure_link, parse_address
     from edge.d2d.discovery import discover
+    from edge.sdk.group import measure_peers, this_device
 
     me = _identity(identity)
     if not me.paired:
@@ -87,30 +87,16 @@ def peers(ctx: typer.Context,
     if not addresses:
         raise EdgeError(f"no peers of this cluster found by mDNS in {seconds:.0f} s; give them with --peer HOST:PORT "
                         "where multicast is blocked")
-    rows, infos = [], []
-    for a in addresses:
-        host, port = parse_address(a, 50600)
-        try:
-            info = hello(me, host, port)
-            link = measure_link(me, host, port, rounds=rounds)
-            rows.append({"peer": info["member"], "address": f"{host}:{port}", "rtt_ms": link.rtt_s * 1e3,
-                         "mbit_s": link.bytes_per_s * 8 / 1e6, "free_bytes": info["free_bytes"],
-                         "threads": info["threads"]})
-            from edge.d2d.planning import PeerInfo
-
-            infos.append(PeerInfo(f"{host}:{port}", info["member"], int(info["free_bytes"]), info.get("profile") or {},
-                                  link))
-        except PeerUnreachable as e:
-            rows.append({"peer": "?", "address": f"{host}:{port}", "error": str(e)})
+    errors: list[dict] = []
+    infos = measure_peers(me, addresses, rounds=rounds, require=False,
+                          unreachable=lambda a, e: errors.append({"peer": "?", "address": a, "error": str(e)}))
+    rows = [{"peer": i.name, "address": i.address, "rtt_ms": i.link.rtt_s * 1e3, "mbit_s": i.link.bytes_per_s * 8 / 1e6,
+             "free_bytes": i.free_bytes, "threads": i.threads} for i in infos] + errors
     reasons: list[str] = []
     if model is not None and infos:
-        from edge.d2d.agent import memory_now
         from edge.d2d.planning import place
-        from edge.device.profile import cached_profile
 
-        p = cached_profile()
-        mine = memory_now() | {"profile": {"llama_stream_gbps": p.llama_stream_gbps, "llama_layer_us": p.llama_layer_us}}
-        split, _ = place(model, mine, infos, n_ctx)
+        split, _ = place(model, this_device(), infos, n_ctx)
         for r in rows:
             r["layers"] = split.layers.get(r["peer"], 0) if "error" not in r else None
         reasons = [f"predicted {1 / split.predicted_s:.1f} tok/s ({split.compute_s * 1e3:.1f} ms compute + "

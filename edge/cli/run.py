@@ -14,16 +14,12 @@ from edge.errors import EdgeError
 PeersOpt = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,host:port (edge peer serve on each).")
 
 
-def _peers(text: Optional[str]):
-    return None if text is None else ("auto" if text == "auto" else [p for p in text.split(",") if p])
-
-
 def _load(model, backend, n_ctx, threads, verify, budget=None, options=None, peers=None):
     from edge.cli.output import say_notes
     from edge.sdk import load
 
     m = load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, verify=verify, memory_budget=budget,
-             offload=options, peers=_peers(peers))
+             offload=options, peers=peers)
     say_notes(m.notes)
     return m
 
@@ -91,7 +87,7 @@ def chat(model: Optional[str] = ModelOpt,
     from edge.sdk import load
 
     with load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, memory_budget=memory_budget,
-              chat_template=chat_template, peers=_peers(peers)) as m:
+              chat_template=chat_template, peers=peers) as m:
         from edge.cli.output import say_notes
 
         say_notes(m.notes)

@@ -15,10 +15,8 @@ from edge.errors import EdgeError
 def _load(settings):
     from edge.sdk import load
 
-    peers = settings.peers
     return load(settings.model, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                memory_budget=settings.memory_budget, chat_template=settings.chat_template,
-                peers=None if peers is None else ("auto" if peers == "auto" else [p for p in peers.split(",") if p]))
+                memory_budget=settings.memory_budget, chat_template=settings.chat_template, peers=settings.peers)
 
 
 def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF file or bundle (default: EDGE_MODEL, else the embedded default model)."),

@@ -133,8 +133,8 @@ class GroupBackend:
         return logits
 
     def _recover(self, e: PeerLost) -> np.ndarray:
-        gone = {t.peer for t in self.relay.tunnels if t.lost} if self.relay and self.relay.tunnels else set()
-        lost_peers = [p for p, _ in self.placement if p in gone] or [p for p, _ in self.placement]
+        # the members the heartbeats lost; if none was (the child died alone), none is trusted
+        lost_peers = [t.peer for t in self.relay.tunnels if t.lost] or [p for p, _ in self.placement]
         placement = self.replan(self.placement, lost_peers)
         print(f"warning: {e}; placed again on {len(placement)} member(s) and feeding the {len(self.history)} "
               "tokens so far again", file=sys.stderr)

@@ -81,6 +81,7 @@ class PeerInfo:
     free_bytes: int
     profile: dict
     link: Link
+    threads: int = 0
 
 
 def place(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Split, list[tuple[str, int]]]:

@@ -14,9 +14,18 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50600
 
 
-def measure_peers(identity, addresses: list[str]) -> list:
-    """PeerInfo of every member at ``addresses`` (hello + measured link); unreachable ones are
-    left out with a warning, none reachable is an error."""
+def parse_peers(peers: list[str] | str) -> list[str] | str:
+    """``"auto"``, a comma-separated ``host:port`` list (as the CLI and EDGE_PEERS give it), or a list."""
+    if isinstance(peers, str):
+        return "auto" if peers == "auto" else [p.strip() for p in peers.split(",") if p.strip()]
+    return list(peers)
+
+
+def measure_peers(identity, addresses: list[str], *, rounds: int = 10, unreachable=None,
+                  require: bool = True) -> list:
+    """PeerInfo of every member at ``addresses`` (hello + measured link). An unreachable one goes to
+    ``unreachable(address, error)`` (default: a warning that it is left out); with ``require``,
+    none reachable is an error."""
     from edge.d2d.client import PeerUnreachable, hello, measure_link, parse_address
     from edge.d2d.planning import PeerInfo
 
@@ -26,12 +35,24 @@ def measure_peers(identity, addresses: list[str]) -> list:
         try:
             h = hello(identity, host, port)
             infos.append(PeerInfo(f"{host}:{port}", h["member"], int(h["free_bytes"]), h.get("profile") or {},
-                                  measure_link(identity, host, port)))
+                                  measure_link(identity, host, port, rounds=rounds), int(h.get("threads", 0))))
         except PeerUnreachable as e:
-            log.warning("%s: left out of the group", e)
-    if not infos:
+            if unreachable is None:
+                log.warning("%s: left out of the group", e)
+            else:
+                unreachable(f"{host}:{port}", e)
+    if require and not infos:
         raise EdgeError(f"none of the {len(addresses)} peers answered: {', '.join(addresses)}")
     return infos
+
+
+def this_device() -> dict:
+    """What the split needs of the coordinator: its free memory now and its measured llama.cpp rates."""
+    from edge.d2d.agent import memory_now
+    from edge.device.profile import cached_profile
+
+    p = cached_profile()
+    return memory_now() | {"profile": {"llama_stream_gbps": p.llama_stream_gbps, "llama_layer_us": p.llama_layer_us}}
 
 
 def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_threads: int | None,
@@ -41,9 +62,7 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
     from edge.d2d.backend import GroupBackend
     from edge.d2d.discovery import discover
     from edge.d2d.identity import Identity
-    from edge.d2d.agent import memory_now
     from edge.d2d.planning import place
-    from edge.device.profile import cached_profile
     from edge.formats.gguf_read import read_spec
     from edge.hardware import default_threads
     from edge.paths import cache_dir
@@ -54,12 +73,12 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
     identity = Identity(identity_dir or cache_dir("d2d"))
     if not identity.paired:
         raise EdgeError(f"this device is in no cluster ({identity.folder}): pair peers with 'edge peers pair HOST --code CODE'")
-    addresses = discover(identity) if peers == "auto" else list(peers)
+    peers = parse_peers(peers)
+    addresses = discover(identity) if peers == "auto" else peers
     if not addresses:
         raise EdgeError("no peers of this cluster found by mDNS; give them as host:port")
     infos = measure_peers(identity, addresses)
-    p = cached_profile()
-    me = memory_now() | {"profile": {"llama_stream_gbps": p.llama_stream_gbps, "llama_layer_us": p.llama_layer_us}}
+    me = this_device()
     if budget is not None:
         import psutil
 

@@ -42,8 +42,8 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     ``tokenizer.chat_template``, a folder's chat_template.jinja or tokenizer_config.json);
     ``chat_template`` (a Jinja template, or a file holding one) replaces it.
 
-    ``peers`` (a list of ``host:port`` of paired `edge peer serve` agents, or ``"auto"`` for mDNS
-    discovery) runs a GGUF (or a checkpoint's converted GGUF) across this device and those peers
+    ``peers`` (``host:port`` of paired `edge peer serve` agents, as a list or comma-separated, or
+    ``"auto"`` for mDNS discovery) runs a GGUF (or a checkpoint's converted GGUF) across this device and those peers
     on llama.cpp's RPC backend, its layers split by measured speed, memory and links; with
     ``memory_budget`` this device holds no more than that, the other layers go to the peers.
 
