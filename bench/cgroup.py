@@ -34,10 +34,14 @@ class MemoryCap:
 
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         """Run argv with its whole process tree in the group; records peak usage and OOM kills."""
-        def enter() -> None:
-            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        return subprocess.run(argv, preexec_fn=self._enter, **kw)
 
-        return subprocess.run(argv, preexec_fn=enter, **kw)
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        """Start argv in the group (its children stay in it too)."""
+        return subprocess.Popen(argv, preexec_fn=self._enter, **kw)
+
+    def _enter(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     @property
     def peak_bytes(self) -> int:
