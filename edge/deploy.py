@@ -21,10 +21,12 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.Argu
 
 
 def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int | None = None, context: int = 2048,
-           backend: str = "auto", force: bool = False, say=no_progress) -> tuple[Plan, Path, dict]:
+           backend: str = "auto", force: bool = False, peers: list[str] | str | None = None,
+           say=no_progress) -> tuple[Plan, Path, dict]:
     """Plan ``model`` for ``device`` within ``budget_bytes`` (``backend`` "auto" lets the planner
     choose), build the bundle the plan needs at ``out``, write plan.json into it, smoke-run it.
-    Returns (plan, bundle folder, smoke-run measurements)."""
+    With ``peers``, the plan is a group's (:func:`deploy_group`). Returns (plan, bundle folder,
+    smoke-run measurements)."""
     from edge.builder.bundles import build
     from edge.formats.bundle import read_manifest
     from edge.sources import read_spec, resolve
@@ -32,6 +34,11 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
     src = resolve(model)
     if src.kind == "bundle":
         raise EdgeError(f"{src.path} is already a bundle; deploy a checkpoint or a GGUF file")
+    if peers is not None:
+        if device != "auto" or backend not in ("auto", "llamacpp"):
+            raise EdgeError("a group is planned from this device's and its peers' measurements on llama.cpp's RPC "
+                            "backend: --peers takes neither --device NAME nor --backend offload")
+        return deploy_group(src, out, peers, budget_bytes=budget_bytes, context=context, force=force, say=say)
     spec = read_spec(src)
     say("profiling the device")
     prof = _device(device)
@@ -55,6 +62,51 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
     say("smoke run")
     smoke = measure_fresh(out, tokens=16)
     return final, out, smoke
+
+
+def deploy_group(src, out: Path | None, peers: list[str] | str, *, budget_bytes: int | None, context: int,
+                 force: bool, say=no_progress) -> tuple[Plan, Path, dict]:
+    """A gguf bundle whose plan runs it across this device and ``peers`` (measured first, so an
+    unreachable cluster fails before anything is written); the split is planned on the bundle's
+    GGUF and placed again, on fresh measurements, each time the bundle loads."""
+    import shutil
+
+    from edge.builder.bundles import build
+    from edge.d2d.planning import gguf_layers
+    from edge.device.profile import cached_profile
+    from edge.formats.bundle import read_manifest
+    from edge.sdk.group import cluster_identity, measure_peers, parse_peers, plan_group, split_text
+
+    peers = parse_peers(peers)
+    if peers != "auto":  # before building: every member named answers (a deployment names its group)
+        say("measuring the peers")
+
+        def unreachable(address: str, e: EdgeError):
+            raise e
+
+        measure_peers(cluster_identity(), peers, rounds=3, unreachable=unreachable)
+    prof = cached_profile()
+    out = Path(out or f"{src.name}-d2d")
+    existed = out.exists()
+    say("building a gguf bundle")
+    build(src.path, out, format="gguf", weight_type=None if src.kind == "gguf" else "q4_1", force=force, progress=say)
+    try:
+        gguf = out / read_manifest(out).weights_file().path
+        say("placing the layers")
+        g = gguf_layers(gguf, context)
+        _, infos, me, split, placement = plan_group(gguf, peers, n_ctx=context, budget=budget_bytes)
+        here = split.layers.get("this device", 0)
+        p = Plan(src.name, prof.cpu_model, "d2d", "gguf" if src.kind == "gguf" else "q4_1", 4,
+                 int(budget_bytes if budget_bytes is not None else me["free_bytes"]), context, prof.cores_physical,
+                 None, 0, g.coordinator_bytes + here * g.layer_bytes, 1 / split.predicted_s,
+                 (split_text(split), *split.reasons), peers=tuple(i.address for i in infos))
+        write_plan(out, p)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    say("smoke run")
+    return p, out, measure_fresh(out, tokens=16)
 
 
 def _device(device: str):

@@ -77,11 +77,14 @@ def settings(p: Plan | None, *, n_ctx: int | None, threads: int | None, budget: 
     if n_ctx is not None and n_ctx != p.context:
         notes.append(f"context {n_ctx} given: overrides the plan's {p.context}")
     return RunSettings(n_ctx or p.context, threads or p.threads,
-                       budget if budget is not None else (p.budget_bytes if p.backend == "offload" else None),
+                       budget if budget is not None else (p.budget_bytes if p.backend in ("offload", "d2d") else None),
                        given.over(planned).resolved(), tuple(notes))
 
 
 def describe(p: Plan) -> str:
+    if p.backend == "d2d":
+        return (f"across {len(p.peers)} peer(s) ({', '.join(p.peers)}), this device within "
+                f"{format_bytes(p.budget_bytes)}, {p.threads} threads, context {p.context}")
     if p.backend != "offload":
         return f"{p.backend}, {p.threads} threads, context {p.context}"
     return (f"offload, cache {slots_text(p.cache_slots_per_layer)} experts/layer, {p.bits}-bit experts, "

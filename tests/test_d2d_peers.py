@@ -285,3 +285,52 @@ def test_edge_load_across_peers_places_by_measurement_and_generates(tmp_path, mo
     finally:
         for a in agents:
             a.stop()
+
+
+def test_deploy_across_peers_writes_a_group_plan_that_run_follows(tmp_path, monkeypatch, default_gguf_f32):
+    """edge deploy --peers: the members measured before anything is written (an unreachable one is
+    exit 2 and no bundle), a gguf bundle with a d2d plan.json, a smoke run across the group; edge
+    run on the bundle follows the plan, placing again on fresh measurements (a member gone since
+    is left out, said once)."""
+    import shutil
+
+    from edge.device.profile import cached_profile
+
+    shared = tmp_path / "cache"
+    monkeypatch.setenv("EDGE_CACHE_DIR", str(shared))
+    cached_profile()
+    root = tmp_path / "ids"
+    agents = []
+    try:
+        for i in range(2):
+            a = AgentProc(root / f"d{i}", f"d{i}", profile=True)
+            agents.append(a)
+            assert pair(a, root / "coord").returncode == 0
+            a.wait_all("serving the cluster", "profile measured")
+        shutil.copytree(root / "coord", shared / "d2d")
+        gone = f"127.0.0.1:{free_port()}"
+        bad = subprocess.run(EDGE + ["deploy", str(default_gguf_f32), "-o", str(tmp_path / "nope"), "--peers", gone],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and gone in bad.stderr, bad.stderr
+        assert not (tmp_path / "nope").exists()
+        addresses = ",".join(a.address for a in agents)
+        out = tmp_path / "group"
+        r = subprocess.run(EDGE + ["deploy", str(default_gguf_f32), "-o", str(out), "--peers", addresses, "--context", "256"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        plan = json.loads((out / "plan.json").read_text())
+        assert plan["backend"] == "d2d" and plan["peers"] == [a.address for a in agents] and plan["context"] == 256
+        assert plan["predicted_decode_tok_s"] > 0 and any("this device (coordinator)" in x for x in plan["reasons"])
+        assert "smoke run decode" in r.stdout and "peers" in r.stdout
+        agents[1].stop()
+        run = subprocess.run(EDGE + ["run", "def fibonacci(", "-m", str(out), "--max-tokens", "8", "--temperature", "0"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "following plan.json" in run.stderr and "across 2 peer(s)" in run.stderr
+        assert run.stderr.count(f"{agents[1].address} unreachable") == 1
+        one = subprocess.run(EDGE + ["run", "def fibonacci(", "-m", str(default_gguf_f32), "--backend", "llamacpp",
+                                     "--max-tokens", "8", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+        assert run.stdout == one.stdout
+    finally:
+        for a in agents:
+            a.stop()

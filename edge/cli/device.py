@@ -134,7 +134,10 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
            context: int = typer.Option(2048, "--context", help="Context length to plan for."),
            backend: str = typer.Option("auto", "--backend", help="auto (the planner chooses), llamacpp or offload."),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle folder (default: NAME-BACKEND)."),
-           force: bool = typer.Option(False, "--force", help="Replace an existing bundle.")) -> None:
+           force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+           peers: Optional[str] = typer.Option(None, "--peers", envvar="EDGE_PEERS",
+                                               help="Deploy across paired peers: 'auto' (mDNS) or host:port,host:port; "
+                                                    "--budget is then what this device holds.")) -> None:
     """Profile -> plan -> build the bundle for that plan -> smoke-run it, with a summary."""
     from edge.deploy import deploy as run_deploy
     from edge.plan.planner import slots_text
@@ -148,13 +151,14 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
 
     with reporting("deploying") as report:
         p, path, smoke = run_deploy(model, output, device=device, budget_bytes=budget_bytes, context=context,
-                                    backend=backend, force=force, say=report)
+                                    backend=backend, force=force, peers=peers, say=report)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     t = Table(title=f"deployed {p.model} -> {path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
+    group = [("peers", ", ".join(p.peers)), ("split", "; ".join(p.reasons[1:]))] if p.backend == "d2d" else []
     for k, v in [("device", p.device), ("backend", p.backend + (f", {slots_text(p.cache_slots_per_layer)} experts cached per layer"
-                                                                 if p.cache_slots_per_layer else "")),
+                                                                 if p.cache_slots_per_layer else "")), *group,
                  ("bundle", f"{format_bytes(size)} ({p.weight_type})"), ("budget", format_bytes(p.budget_bytes)),
                  ("predicted decode", "unknown" if p.predicted_decode_tok_s is None else f"{p.predicted_decode_tok_s:.2f} tok/s"),
                  ("smoke run decode", f"{smoke['decode_tok_s']:.2f} tok/s (16 tokens)"),

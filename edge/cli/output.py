@@ -65,7 +65,8 @@ def reporting(title: str):
     """A Progress callable for long jobs (edge.formats.bundle.Progress): messages become a status
     line, phases with a total become a bar with the amount done and the time left."""
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Amount(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+                   TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True,
+                   disable=not err.is_terminal)  # off a terminal it would only leave a blank line
     tasks: dict[str, int] = {}
     status = bar.add_task(title, total=None)
 

@@ -197,8 +197,11 @@ class Agent:
             log.warning("this device's profile could not be measured (%s): coordinators cannot place layers here", e)
             return
         self.profile = {k: getattr(p, k) for k in ("cpu_model", "cores_physical", "memory_bandwidth_gbps",
-                                                   "llama_stream_gbps", "llama_layer_us", "measured_unix")}
-        self.say(f"{self.name}: profile measured (llama.cpp streams {p.llama_stream_gbps or 0:.1f} GB/s, "
+                                                   "gemv_q4_gflops", "llama_stream_gbps", "llama_layer_us",
+                                                   "measured_unix")}
+        from edge.d2d.planning import stream_gbps
+
+        self.say(f"{self.name}: profile measured (llama.cpp streams {stream_gbps(self.profile) or 0:.1f} GB/s, "
                  f"{p.llama_layer_us or 0:.0f} us per layer)")
 
     # -- llama.cpp's RPC server --------------------------------------------------------------------

@@ -47,8 +47,11 @@ class GroupBackend:
     def __init__(self, gguf: Path, identity: Identity, placement: Placement, *, n_ctx: int = 2048,
                  threads: int = 1, extra_bufts: bool | None = None, load_timeout_s: float = 600.0,
                  replan: Callable[[Placement, list[str]], Placement] | None = None,
-                 heartbeat_s: float = 0.25, lost_after_s: float = 1.0):
+                 heartbeat_s: float = 0.25, lost_after_s: float = 1.0, llamacpp_split: bool = False):
+        """``llamacpp_split``: ignore the placement's layer counts and let llama.cpp split every
+        layer over the members as its own ``--rpc`` does (the benchmark's baseline)."""
         self.gguf, self.identity = Path(gguf), identity
+        self.llamacpp_split = llamacpp_split
         self.n_ctx_wanted, self.threads, self.extra_bufts = n_ctx, threads, extra_bufts
         self.load_timeout_s, self.replan = load_timeout_s, replan
         self.heartbeat_s, self.lost_after_s = heartbeat_s, lost_after_s
@@ -68,7 +71,8 @@ class GroupBackend:
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         rpc = [[t.endpoint, n] for t, (_, n) in zip(self.relay.tunnels, self.placement)]
         self._send(json.dumps({"gguf": str(self.gguf), "rpc_layers": rpc, "n_ctx": self.n_ctx_wanted,
-                               "threads": self.threads, "extra_bufts": self.extra_bufts}).encode())
+                               "threads": self.threads, "extra_bufts": self.extra_bufts,
+                               "default_split": self.llamacpp_split}).encode())
         info = json.loads(self._recv(self.load_timeout_s))
         if "error" in info:
             self._stop()

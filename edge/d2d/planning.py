@@ -63,8 +63,24 @@ def gguf_layers(path: Path, n_ctx: int) -> GGUFLayers:
                       spec.hidden_size, spec.vocab_size)
 
 
+def stream_gbps(profile: dict) -> float | None:
+    """GB/s of weights a device's llama.cpp reads while decoding, as the single-device planner
+    takes it (edge.plan.costs.stream_bytes_per_s): llama.cpp's measured MoE streaming rate; where
+    the probe could not tell DRAM from a large last-level cache, ggml's measured GEMV rate; else
+    a share of the measured memory bandwidth."""
+    from edge.plan.costs import GEMV_SHARE_OF_PEAK, gemv_stream_bps
+
+    if profile.get("llama_stream_gbps"):
+        return float(profile["llama_stream_gbps"])
+    if profile.get("gemv_q4_gflops"):
+        return gemv_stream_bps(float(profile["gemv_q4_gflops"])) / 1e9
+    if profile.get("memory_bandwidth_gbps"):
+        return float(profile["memory_bandwidth_gbps"]) * GEMV_SHARE_OF_PEAK
+    return None
+
+
 def layer_seconds(profile: dict, read_bytes: int, who: str) -> float:
-    gbps, us = profile.get("llama_stream_gbps"), profile.get("llama_layer_us")
+    gbps, us = stream_gbps(profile), profile.get("llama_layer_us")
     if not gbps or us is None:
         raise EdgeError(f"{who} has no measured llama.cpp streaming rate and per-layer cost (run 'edge profile' "
                         "there): its share of a model cannot be predicted")
@@ -84,16 +100,23 @@ class PeerInfo:
     threads: int = 0
 
 
-def place(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Split, list[tuple[str, int]]]:
-    """The split with the least predicted time per token, and the placement GroupBackend takes:
-    (address, layers) of every remote member used, in running order."""
+def members(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Member, list[Member], ModelCosts]:
+    """The split's inputs: this device, the remote members (named as the peers name themselves)
+    and the model's costs."""
     g = gguf_layers(gguf, n_ctx)
     costs = ModelCosts(n_layers=g.n_layers, layer_bytes=g.layer_bytes, coordinator_bytes=g.coordinator_bytes,
                        hop_bytes=RUN_INPUT_BYTES + 4 * g.hidden, round_trips=RPC_ROUND_TRIPS,
                        tail_bytes=4 * g.vocab)
-    coordinator = Member("this device", int(me["free_bytes"]) - WORKER_BASE_BYTES, layer_seconds(me["profile"], g.layer_read_bytes,
-                                                                            "this device"))
+    coordinator = Member("this device", int(me["free_bytes"]) - WORKER_BASE_BYTES,
+                         layer_seconds(me["profile"], g.layer_read_bytes, "this device"))
     remotes = [Member(p.name, p.free_bytes, layer_seconds(p.profile, g.layer_read_bytes, p.name), p.link) for p in peers]
+    return coordinator, remotes, costs
+
+
+def place(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Split, list[tuple[str, int]]]:
+    """The split with the least predicted time per token, and the placement GroupBackend takes:
+    (address, layers) of every remote member used, in running order."""
+    coordinator, remotes, costs = members(gguf, me, peers, n_ctx)
     split = split_layers(coordinator, remotes, costs)
     by_name = {p.name: p.address for p in peers}
     return split, [(by_name[n], k) for n, k in split.layers.items() if n in by_name]

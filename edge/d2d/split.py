@@ -151,6 +151,13 @@ def _why_out(m: Member, coordinator: Member, remotes: list[Member], used: set[st
             f"(its link: {m.link.rtt_s * 1e3:.1f} ms RTT, {m.link.bytes_per_s * 8 / 1e6:.0f} Mbit/s)")
 
 
+def predict(coordinator: Member, remotes: list[Member], layers: dict[str, int], costs: ModelCosts) -> tuple[float, float]:
+    """(compute, network) seconds per decoded token of a given split — any placement, exo's or a
+    fixed one — by the same model split_layers minimizes; members absent from ``layers`` run none."""
+    members = [coordinator, *remotes]
+    return _time(members, {m.name: layers.get(m.name, 0) for m in members}, costs)
+
+
 def proportional_split(members: list[Member], n_layers: int) -> dict[str, int]:
     """exo's placement (allocate_layers_proportionally): layers in proportion to free memory, the
     rounding remainders to the largest fractions; links and speeds play no part. For comparison."""

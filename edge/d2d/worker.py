@@ -6,7 +6,8 @@ It exists because llama.cpp aborts the whole process when an RPC server stops an
 model lives here and the parent (edge.d2d.backend) supervises it.
 
 Protocol on stdin/stdout, length-prefixed frames (4-byte big-endian length, then the payload):
-    parent -> child  JSON {"gguf", "rpc_layers": [[endpoint, layers], ...], "n_ctx", "threads", "extra_bufts"}
+    parent -> child  JSON {"gguf", "rpc_layers": [[endpoint, layers], ...], "n_ctx", "threads", "extra_bufts",
+                           "default_split": bool (llama.cpp splits every layer over the endpoints itself)}
     child -> parent  JSON {"ready": true, "n_vocab", "n_ctx", "load_s"}  or  {"error": "..."}
     parent -> child  JSON {"eval": [token, ...]} | {"truncate": n}
     child -> parent  the logits after the last token, float32 little-endian (eval); b"" (truncate)
@@ -35,6 +36,12 @@ def write_frame(f, data: bytes) -> None:
     f.flush()
 
 
+def _rpc(cfg: dict) -> dict:
+    if cfg.get("default_split"):
+        return {"rpc_default_split": tuple(ep for ep, _ in cfg["rpc_layers"])}
+    return {"rpc_layers": tuple((ep, int(n)) for ep, n in cfg["rpc_layers"])}
+
+
 def main() -> None:
     inp = sys.stdin.buffer
     out = os.fdopen(os.dup(1), "wb")  # the frames' own descriptor; fd 1 (llama.cpp's prints) goes to stderr
@@ -51,8 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         be = LlamaCppBackend(cfg["gguf"], n_ctx=int(cfg["n_ctx"]), n_threads=int(cfg["threads"]),
-                             load=LoadOptions(extra_bufts=cfg.get("extra_bufts"),
-                                              rpc_layers=tuple((ep, int(n)) for ep, n in cfg["rpc_layers"])))
+                             load=LoadOptions(extra_bufts=cfg.get("extra_bufts"), **_rpc(cfg)))
     except EdgeError as e:
         write_frame(out, json.dumps({"error": str(e)}).encode())
         return

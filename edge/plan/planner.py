@@ -59,7 +59,7 @@ class Plan:
 
     model: str
     device: str
-    backend: str  # "llamacpp" or "offload"
+    backend: str  # "llamacpp", "offload" or "d2d" (across peers: edge.sdk.group)
     weight_type: str
     bits: int
     budget_bytes: int
@@ -72,6 +72,7 @@ class Plan:
     reasons: tuple[str, ...] = field(default=())
     predicted_loads_per_token: float | None = None  # offload: expert loads per decoded token
     predicted_load_s: float | None = None  # offload: seconds per expert load (read + checksum + convert)
+    peers: tuple[str, ...] = ()  # d2d: host:port of the members the model runs across (placed again at load)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

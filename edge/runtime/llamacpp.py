@@ -37,6 +37,9 @@ class LoadOptions:
     # layers run by llama.cpp RPC servers: (endpoint host:port, layer count) in order; the first
     # n_layers - sum(counts) layers, the embeddings and the output stay on this CPU
     rpc_layers: tuple[tuple[str, int], ...] = ()
+    # or: RPC servers that llama.cpp itself splits every layer and the output over, as its `--rpc`
+    # with all layers offloaded does (by each server's reported free memory); for comparison
+    rpc_default_split: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.load_mode not in LOAD_MODES:
@@ -45,6 +48,8 @@ class LoadOptions:
             raise EdgeError(f"unknown llama.cpp lazy mode {self.lazy_mode!r}; choose {', '.join(LAZY_MODES)}")
         if any(n < 0 for _, n in self.rpc_layers):
             raise EdgeError(f"RPC layer counts cannot be negative: {self.rpc_layers}")
+        if self.rpc_layers and self.rpc_default_split:
+            raise EdgeError("give RPC layer counts or llama.cpp's default split, not both")
 
 
 _warned_amx: list[bool] = []
@@ -73,16 +78,19 @@ def model_params(opt: LoadOptions, *, vocab_only: bool = False):
     p.use_extra_bufts = False if vocab_only else _extra_bufts(opt)  # a vocabulary has no weights to repack
     if opt.rpc_layers and not vocab_only:
         _place_on_rpc(p, opt.rpc_layers)
+    if opt.rpc_default_split and not vocab_only:
+        _place_on_rpc(p, tuple((ep, 1) for ep in opt.rpc_default_split), default_split=True)
     return p
 
 
 _keep_alive: list = []  # the device and split arrays llama.cpp reads while it loads
 
 
-def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...]) -> None:
+def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...], default_split: bool = False) -> None:
     """Point llama_model_params at the RPC servers' devices with a layer split: n_gpu_layers is the
     remote layers' total (llama.cpp offloads the last ones, so the output stays here), tensor_split
-    their counts (llama.cpp splits by cumulative fractions, which exact counts reproduce)."""
+    their counts (llama.cpp splits by cumulative fractions, which exact counts reproduce). With
+    ``default_split``: every layer and the output offloaded, no tensor_split (llama.cpp's own)."""
     import ctypes
 
     from edge._llamacpp import rpc_devices
@@ -96,6 +104,11 @@ def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...]) -> None:
         devices.append(devs[0])
         split.append(float(n))
     arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    if default_split:
+        _keep_alive[:] = [arr]
+        p.devices = ctypes.cast(arr, ctypes.c_void_p).value
+        p.n_gpu_layers = 999
+        return
     ts = (ctypes.c_float * 128)(*split)
     _keep_alive[:] = [arr, ts]
     p.devices = ctypes.cast(arr, ctypes.c_void_p).value

@@ -52,27 +52,30 @@ def this_device() -> dict:
     from edge.device.profile import cached_profile
 
     p = cached_profile()
-    return memory_now() | {"profile": {"llama_stream_gbps": p.llama_stream_gbps, "llama_layer_us": p.llama_layer_us}}
+    return memory_now() | {"profile": {k: getattr(p, k) for k in ("llama_stream_gbps", "gemv_q4_gflops",
+                                                                  "memory_bandwidth_gbps", "llama_layer_us")}}
 
 
-def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_threads: int | None,
-               budget: int | None = None, identity_dir: Path | None = None):
-    """``budget``: what this device may hold in all (this process and the group's llama.cpp
-    process); the layers it cannot hold go to the peers."""
-    from edge.d2d.backend import GroupBackend
-    from edge.d2d.discovery import discover
+def cluster_identity(identity_dir: Path | None = None):
+    """This coordinator's cluster identity; an error saying how to make one when it has none."""
     from edge.d2d.identity import Identity
-    from edge.d2d.planning import place
-    from edge.formats.gguf_read import read_spec
-    from edge.hardware import default_threads
     from edge.paths import cache_dir
-    from edge.runtime.llamacpp import load_model
-    from edge.runtime.tokenizer import LlamaCppTokenizer
-    from edge.sdk.model import Model
 
     identity = Identity(identity_dir or cache_dir("d2d"))
     if not identity.paired:
         raise EdgeError(f"this device is in no cluster ({identity.folder}): pair peers with 'edge peers pair HOST --code CODE'")
+    return identity
+
+
+def plan_group(path: Path, peers: list[str] | str, *, n_ctx: int, budget: int | None = None,
+               identity_dir: Path | None = None):
+    """The group for a GGUF: each member asked who it is and its link measured, this device's
+    memory (at most ``budget`` in all, this process included) — and the split with the least
+    predicted time per token. Returns (identity, infos, this device, split, placement)."""
+    from edge.d2d.discovery import discover
+    from edge.d2d.planning import place
+
+    identity = cluster_identity(identity_dir)
     peers = parse_peers(peers)
     addresses = discover(identity) if peers == "auto" else peers
     if not addresses:
@@ -83,9 +86,26 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
         import psutil
 
         me["free_bytes"] = min(me["free_bytes"], budget - psutil.Process().memory_info().rss)
+    split, placement = place(path, me, infos, n_ctx)
+    return identity, infos, me, split, placement
+
+
+def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_threads: int | None,
+               budget: int | None = None, identity_dir: Path | None = None, notes: tuple[str, ...] = ()):
+    """``budget``: what this device may hold in all (this process and the group's llama.cpp
+    process); the layers it cannot hold go to the peers."""
+    from edge.d2d.backend import GroupBackend
+    from edge.d2d.planning import place
+    from edge.formats.gguf_read import read_spec
+    from edge.hardware import default_threads
+    from edge.runtime.llamacpp import load_model
+    from edge.runtime.tokenizer import LlamaCppTokenizer
+    from edge.sdk.model import Model
+
     spec = read_spec(path)
     n_ctx = min(n_ctx, spec.context_length)
-    split, placement = place(path, me, infos, n_ctx)
+    identity, infos, me, split, placement = plan_group(path, peers, n_ctx=n_ctx, budget=budget,
+                                                       identity_dir=identity_dir)
 
     def replan(old, lost: list[str]):
         left = [i for i in infos if i.address not in lost]
@@ -94,8 +114,11 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
     backend = GroupBackend(path, identity, placement, n_ctx=n_ctx, threads=n_threads or default_threads(),
                            replan=replan)
     vocab = load_model(path, vocab_only=True)
-    notes = (f"run across {len(placement)} peer(s): predicted {1 / split.predicted_s:.1f} tok/s "
-             f"({split.compute_s * 1e3:.1f} ms compute + {split.network_s * 1e3:.1f} ms network per token)",
-             *split.reasons)
+    notes = (*notes, f"run across {len(placement)} peer(s): {split_text(split)}", *split.reasons)
     return Model(name=name, spec=spec, backend=backend, tokenizer=LlamaCppTokenizer(vocab, path.name), source=path,
                  notes=notes)
+
+
+def split_text(split) -> str:
+    return (f"predicted {1 / split.predicted_s:.1f} tok/s ({split.compute_s * 1e3:.1f} ms compute + "
+            f"{split.network_s * 1e3:.1f} ms network per token)")

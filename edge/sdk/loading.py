@@ -109,7 +109,7 @@ def _load_across(src: Source, backend: str, n_ctx: int | None, n_threads: int | 
     elif src.kind == "hf":
         path = _cached_gguf(src)
     else:
-        raise EdgeError("a model run across peers is a GGUF file or a checkpoint folder, not a bundle")
+        return _load_bundle(src, backend, n_ctx, n_threads, False, budget, None, peers=peers)
     return load_group(path, src.name, peers, n_ctx=n_ctx or 2048, n_threads=n_threads, budget=budget)
 
 
@@ -213,13 +213,26 @@ def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int |
 
 
 def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, verify: bool,
-                 budget: int | None, offload: OffloadOptions | None) -> Model:
+                 budget: int | None, offload: OffloadOptions | None, peers: list[str] | str | None = None) -> Model:
     from edge.formats.bundle import read_manifest, verify_bundle
 
     manifest = read_manifest(src.path)
     verify_bundle(src.path, manifest, full=verify)
-    run = settings(read_plan(src.path), n_ctx=n_ctx, threads=n_threads, budget=budget, offload=offload)
+    plan = read_plan(src.path)
+    run = settings(plan, n_ctx=n_ctx, threads=n_threads, budget=budget, offload=offload)
     weights_path = src.path / manifest.weights_file().path
+    if peers is not None or (plan is not None and plan.backend == "d2d"):
+        if manifest.format != "gguf":
+            raise EdgeError(f"{src.path} is a {manifest.format} bundle; a model runs across peers from a GGUF "
+                            "(a gguf bundle, a .gguf file or a checkpoint folder)")
+        from edge.sdk.group import load_group
+
+        notes = run.notes
+        if peers is not None and plan is not None and plan.backend == "d2d":
+            notes += (f"peers {peers if isinstance(peers, str) else ','.join(peers)} given: override the plan's "
+                      f"{','.join(plan.peers)}",)
+        return load_group(weights_path, manifest.name, peers if peers is not None else list(plan.peers),
+                          n_ctx=run.n_ctx, n_threads=run.threads, budget=run.budget, notes=notes)
     if manifest.format == "offload":
         if backend not in ("auto", "offload"):
             raise EdgeError(f"{src.path} is an offload bundle; it runs on the offload engine only")
