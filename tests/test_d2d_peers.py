@@ -280,6 +280,17 @@ def test_edge_load_across_peers_places_by_measurement_and_generates(tmp_path, mo
             used = m.metrics()["peers"]
             assert sum(p["layers"] for p in used) == 3
             assert all(p["sent_bytes"] > 0 and p["turns"] >= 12 and p["lost"] is None for p in used)
+            # what edge serve's /metrics says of the group, read back as the monitor reads it
+            from prometheus_client import CollectorRegistry, generate_latest
+
+            from edge.monitor.source import parse
+            from edge.serve.metrics import EngineCollector
+
+            reg = CollectorRegistry()
+            reg.register(EngineCollector([m]))
+            seen = parse(generate_latest(reg).decode()).peers
+            assert {p: x["layers"] for p, x in seen.items()} == {p["peer"]: p["layers"] for p in used}
+            assert all(x["sent"] > 0 and x["received"] > 0 and x["lost"] == 0 for x in seen.values())
         with edge.load(default_gguf_f32, backend="llamacpp", n_ctx=256) as one:
             assert text == one.create_completion("def fibonacci(", max_tokens=12, temperature=0)["choices"][0]["text"]
     finally:

@@ -66,6 +66,48 @@ def test_values_shown_are_the_metrics_read():
     asyncio.run(main())
 
 
+def test_a_group_shows_its_members_their_traffic_and_a_lost_one():
+    def page(sent: float, lost: bool) -> str:
+        r = CollectorRegistry()
+        layers = Gauge("edge:peer_layers", "", ["slot", "peer"], registry=r)
+        up = Counter("edge:peer_sent_bytes", "", ["slot", "peer"], registry=r)
+        down = Counter("edge:peer_received_bytes", "", ["slot", "peer"], registry=r)
+        gone = Gauge("edge:peer_lost", "", ["slot", "peer"], registry=r)
+        for peer, n, s in (("10.0.0.2:50600", 3, sent), ("10.0.0.3:50600", 2, 0)):
+            layers.labels("0", peer).set(n)
+            up.labels("0", peer).inc(s)
+            down.labels("0", peer).inc(s / 2)
+            gone.labels("0", peer).set(1 if lost and n == 2 else 0)
+        return metrics_text() + generate_latest(r).decode()
+
+    pages = iter([page(1e6, False), page(3e6, True)])
+
+    async def main():
+        app = Monitor(lambda: next(pages), where="test", interval=60)
+        async with app.run_test(size=(120, 50)) as pilot:
+            await pilot.pause()
+            assert app.query_one("#peers").has_class("shown")
+            text = text_of(app, "#peers-text")
+            assert "10.0.0.2:50600" in text and "ok" in text and "LOST" not in text
+            app.prev.at -= 2.0  # the second scrape two seconds after the first
+            app.poll()
+            await pilot.pause()
+            rows = {line.split()[0]: line.split() for line in text_of(app, "#peers-text").splitlines()[1:]}
+            layers, up, down = rows["10.0.0.2:50600"][1:4]   # 2 MB up, 1 MB down in 2 s (and the scrape's own time)
+            assert layers == "3" and 700 < float(up) <= 1000 and float(down) == pytest.approx(float(up) / 2, abs=0.1)
+            assert rows["10.0.0.3:50600"][-1] == "LOST"
+    asyncio.run(main())
+
+
+def test_a_model_on_one_device_shows_no_group():
+    async def main():
+        app = Monitor(lambda: metrics_text(), where="test", interval=60)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            assert not app.query_one("#peers").has_class("shown")
+    asyncio.run(main())
+
+
 def test_over_budget_is_flagged():
     async def main():
         app = Monitor(lambda: metrics_text(resident=700e6, budget=500e6), where="test", interval=60)

@@ -1,6 +1,7 @@
 """The monitor app: memory against budget, tokens/s and time-to-first-token sparklines, the
 expert cache's hit rate per layer as a heat map, what the experts were served at (bits, or a GGUF's
-types), SSD MB/s, the BitStack level and the request queue. ``b`` changes the memory budget of an
+types), SSD MB/s, the BitStack level and the request queue; for a model run across a group of
+devices, each member's layers, traffic and state. ``b`` changes the memory budget of an
 offload model (through the server's authenticated admin endpoint), ``q`` quits. When the server
 cannot be reached it says so and keeps trying; it recovers on the next good scrape."""
 
@@ -33,6 +34,17 @@ def bars(counts: dict[str, float], width: int = 16) -> str:
         return "-"
     top = max(counts.values()) or 1
     return "\n".join(f"{k:>6} {int(v):>7} {'█' * max(1, int(v / top * width))}" for k, v in sorted(counts.items()))
+
+
+def peer_rows(snap: Snapshot, r) -> str:
+    """One line per member of the group: the layers it runs, its traffic now, its state."""
+    lines = [f"{'member':24} {'layers':>6} {'up KB/s':>9} {'down KB/s':>10}  state"]
+    for peer, x in sorted(snap.peers.items()):
+        up, down = r.peer_kb_s.get(peer, (0.0, 0.0))
+        lines.append(f"{peer:24} {x.get('layers', 0):6.0f} {up:9.1f} {down:10.1f}  {'LOST' if x.get('lost') else 'ok'}")
+    if snap.replans:
+        lines.append(f"placed again {snap.replans:.0f} time(s) after losing a member")
+    return "\n".join(lines)
 
 
 class Monitor(App):
@@ -78,6 +90,9 @@ class Monitor(App):
             with Vertical(classes="panel"):
                 yield Static("storage and BitStack", classes="title")
                 yield Static("-", id="io-text")
+        with Vertical(classes="panel", id="peers"):
+            yield Static("group: this device and its peers", classes="title")
+            yield Static("-", id="peers-text")
         yield Input(placeholder="new memory budget, e.g. 600MB (Enter to apply, Esc to cancel)", id="budget-input")
         yield Footer()
 
@@ -138,6 +153,10 @@ class Monitor(App):
         overall = f"{hits / queries:.0%}" if queries else "-"
         stack = f"{snap.stack_level:.0f} blocks" if snap.stack_level is not None else "none"
         self.query_one("#io-text", Static).update(f"SSD {r.ssd_mb_s:.1f} MB/s · hit rate {overall} · BitStack {stack}")
+
+        self.query_one("#peers", Vertical).set_class(bool(snap.peers), "shown")
+        if snap.peers:
+            self.query_one("#peers-text", Static).update(peer_rows(snap, r))
 
     def action_budget(self) -> None:
         box = self.query_one("#budget-input", Input)

@@ -30,6 +30,8 @@ class Snapshot:
     running: float = 0.0
     waiting: float = 0.0
     engine_tok_s: float | None = None
+    peers: dict[str, dict[str, float]] = field(default_factory=dict)  # member -> layers, sent, received, lost
+    replans: float = 0.0
 
 
 # metric sample -> (Snapshot field, how samples of several slots combine)
@@ -41,8 +43,11 @@ SCALARS = {
     "edge:ssd_read_bytes_total": ("ssd_bytes", sum), "edge:expert_cache_queries_total": ("cache_queries", sum),
     "edge:expert_cache_hits_total": ("cache_hits", sum), "edge:stack_level": ("stack_level", max),
     "edge:num_requests_running": ("running", max), "edge:num_requests_waiting": ("waiting", max),
-    "edge:decode_tokens_per_second": ("engine_tok_s", max),
+    "edge:decode_tokens_per_second": ("engine_tok_s", max), "edge:group_replans_total": ("replans", max),
 }
+# metric sample -> the member's field (a model run across a group)
+PEER = {"edge:peer_layers": "layers", "edge:peer_sent_bytes_total": "sent", "edge:peer_received_bytes_total": "received",
+        "edge:peer_lost": "lost"}
 # metric sample -> (Snapshot dict field, the label that keys it); slots add up
 KEYED = {
     "edge:expert_cache_layer_queries_total": ("layer_queries", "layer"),
@@ -61,6 +66,8 @@ def parse(text: str, at: float | None = None) -> Snapshot:
         for x in fam.samples:
             if x.name in SCALARS:
                 seen.setdefault(x.name, []).append(x.value)
+            elif x.name in PEER:
+                s.peers.setdefault(x.labels["peer"], {})[PEER[x.name]] = x.value
             elif x.name in KEYED:
                 name, label = KEYED[x.name]
                 key = int(x.labels[label]) if label == "layer" else x.labels[label]
@@ -78,6 +85,7 @@ class Rates:
     ssd_mb_s: float
     ttft_s: float | None  # mean over the requests that got their first token in the interval
     layer_hit_rate: dict[int, float]  # over the whole run (None-free: layers with lookups only)
+    peer_kb_s: dict[str, tuple[float, float]] = field(default_factory=dict)  # member -> (up, down) KB/s
 
 
 def rates(prev: Snapshot | None, now: Snapshot) -> Rates:
@@ -87,7 +95,12 @@ def rates(prev: Snapshot | None, now: Snapshot) -> Rates:
     n = now.ttft_count - (prev.ttft_count if prev else 0)
     ttft = (now.ttft_sum - (prev.ttft_sum if prev else 0)) / n if n > 0 else None
     hit = {i: now.layer_hits.get(i, 0) / q for i, q in sorted(now.layer_queries.items()) if q}
-    return Rates(max(0.0, tok), max(0.0, ssd), ttft, hit)
+    wire = {}
+    for peer, x in now.peers.items():
+        was = prev.peers.get(peer, {}) if prev else {}
+        wire[peer] = tuple(max(0.0, (x.get(k, 0) - was.get(k, 0)) / dt / 1e3) if dt and was else 0.0
+                           for k in ("sent", "received"))
+    return Rates(max(0.0, tok), max(0.0, ssd), ttft, hit, wire)
 
 
 class ServerSource:

@@ -32,6 +32,14 @@ class EngineCollector:
             "bits": CounterMetricFamily("edge:experts_served", "expert computations by what was loaded (bits or types)",
                                         labels=["slot", "bits"]),
             "tps": GaugeMetricFamily("edge:decode_tokens_per_second", "the engine's decode speed so far", labels=["slot"]),
+            "p_layers": GaugeMetricFamily("edge:peer_layers", "layers a member of the group runs", labels=["slot", "peer"]),
+            "p_sent": CounterMetricFamily("edge:peer_sent_bytes", "bytes sent to a member of the group",
+                                          labels=["slot", "peer"]),
+            "p_recv": CounterMetricFamily("edge:peer_received_bytes", "bytes received from a member of the group",
+                                          labels=["slot", "peer"]),
+            "p_lost": GaugeMetricFamily("edge:peer_lost", "1 once a member stopped answering", labels=["slot", "peer"]),
+            "replans": CounterMetricFamily("edge:group_replans", "times the group was placed again after a loss",
+                                           labels=["slot"]),
         }
         for i, m in enumerate(self.models):
             t = m.metrics()
@@ -52,6 +60,14 @@ class EngineCollector:
                 fams["bits"].add_metric(slot + [str(bits)], n)
             if t.get("decode_tokens_per_s"):
                 fams["tps"].add_metric(slot, t["decode_tokens_per_s"])
+            for p in t.get("peers", []):  # a model run across a group (edge.d2d.backend)
+                who = slot + [p["peer"]]
+                fams["p_layers"].add_metric(who, p["layers"])
+                fams["p_sent"].add_metric(who, p["sent_bytes"])
+                fams["p_recv"].add_metric(who, p["received_bytes"])
+                fams["p_lost"].add_metric(who, 1.0 if p["lost"] else 0.0)
+            if "replans" in t:
+                fams["replans"].add_metric(slot, t["replans"])
         yield from fams.values()
 
 
