@@ -8,7 +8,8 @@ split and one device — tokens/s side by side in one run, and a sweep of the fa
 Topology (one Linux machine, root): each peer is a real `edge peer serve` in a network namespace
 of its own (bench/netns.py: veth to this namespace, its llama.cpp RPC server on the namespace's
 own loopback) and a memory cgroup that sets the free memory it reports; the coordinator is this
-process and its llama.cpp child, in a memory cgroup too. Every link is a userspace shaper
+process and its llama.cpp child, given a memory budget of ~3 layers (as `edge.load(...,
+memory_budget=)` gives one). Every link is a userspace shaper
 (bench/linkemu.py: per-direction delay, paced bandwidth; netem is not in this kernel):
 
     coordinator --0.5 ms-- p1, p2            (each holds ~3 layers)
@@ -25,8 +26,8 @@ Systems, each from the links and memory measured at that delay (edge.sdk.group.m
 edge's split (edge.d2d.split: least predicted time per token), exo's allocate_layers_
 proportionally over free memory (edge.d2d.split.proportional_split), llama.cpp's own split over
 the three RPC servers with every layer offloaded (what `--rpc ... -ngl 99` does: by each
-server's reported free memory), the near peers only, and the coordinator alone inside its
-memory (llama.cpp memory-mapping what does not fit). Per system: decode tokens/s (median of
+server's reported free memory), the near peers only, and — for reference, over its budget —
+the coordinator alone holding every layer. Per system: decode tokens/s (median of
 ``--runs``, each from an empty context), time to first token, the bytes each link carried per
 token, and edge's predicted tokens/s. Last line: ``d2d_ratio=<edge / memory-only at 40 ms>``.
 """
@@ -222,6 +223,7 @@ def main() -> None:
     from edge.d2d.planning import WORKER_BASE_BYTES, gguf_layers, members
     from edge.d2d.split import predict, proportional_split, split_layers
     from edge.device.profile import cached_profile
+    from edge.errors import EdgeError
     from edge.runtime.llamacpp import load_model
     from edge.runtime.tokenizer import LlamaCppTokenizer
     from edge.sdk.group import measure_peers, this_device
@@ -238,12 +240,13 @@ def main() -> None:
     coord_id = args.root / "coordinator"
     import shutil
 
-    for old in [coord_id, *(args.root / "hosts").glob("*/id")]:  # a new cluster each run (caches are kept)
+    for old in [coord_id, *(args.root / "hosts").glob("*/id")]:  # a new cluster each run (tensor caches kept)
         shutil.rmtree(old, ignore_errors=True)
+    for old in (args.root / "hosts").glob("*/cache/profile.json"):  # each device measures itself in this run
+        old.unlink()
     hosts, links, agents, caps = {}, {}, {}, {}
     results: dict = {"delays": {}, "shape": SHAPE, "when": time.strftime("%Y-%m-%d %H:%M"),
                      "cpu": cached_profile().cpu_model}
-    coord_cap = fresh_cap(None, "edge-d2d-coordinator")
     try:
         for name, idx, _ in PEERS:
             hosts[name] = Host(name, idx).__enter__()
@@ -253,13 +256,15 @@ def main() -> None:
             say(f"{name}: serving in namespace {hosts[name].ns} at {hosts[name].address}, "
                 f"through 127.0.0.1:{links[name].port}")
         identity = Identity(coord_id)
-        drop_caches()
-        for name, _, holds in PEERS:  # the free memory each reports: `holds` layers and half a layer's slack
-            caps[name].set_limit(usage(caps[name]) + int((holds + 0.5) * g.layer_bytes))
-        # the coordinator: this process (and the llama.cpp child it starts) holds ~3 layers too
-        (coord_cap.path / "cgroup.procs").write_text(str(os.getpid()))
-        coord_limit = usage(coord_cap) + WORKER_BASE_BYTES + g.coordinator_bytes + int(3.5 * g.layer_bytes)
-        coord_cap.set_limit(coord_limit)
+
+        def offer() -> None:
+            """The free memory each peer reports: `holds` layers and half a layer's slack, set
+            again before each delay (what earlier loads left in the page cache is dropped)."""
+            drop_caches()
+            for name, _, holds in PEERS:
+                caps[name].set_limit(usage(caps[name]) + int((holds + 0.5) * g.layer_bytes))
+        # the coordinator holds ~3 layers: its budget, as edge.load(..., memory_budget=) gives it
+        coord_budget = WORKER_BASE_BYTES + g.coordinator_bytes + int(3.5 * g.layer_bytes)
         addresses = {name: links[name].address for name, _, _ in PEERS}
         by_address = {v: k for k, v in addresses.items()}
         common = dict(runs=args.runs, tokens=args.tokens, threads=args.threads, n_ctx=args.ctx, prompt=prompt)
@@ -267,9 +272,9 @@ def main() -> None:
         single = None
         for delay in delays:
             links["far"].shape(delay, FAR_MBIT)
-            drop_caches()
+            offer()
             infos = measure_peers(identity, list(addresses.values()))
-            me = this_device()
+            me = this_device() | {"free_bytes": coord_budget}
             coordinator, remotes, costs = members(gguf, me, infos, args.ctx)
             named = {by_address[i.address]: i for i in infos}
             name_of = {i.name: by_address[i.address] for i in infos}
@@ -277,7 +282,10 @@ def main() -> None:
             plans = {}
             best = split_layers(coordinator, remotes, costs)
             plans["edge (distance-aware)"] = best.layers
-            plans["near peers only"] = split_layers(coordinator, near, costs).layers
+            try:
+                plans["near peers only"] = split_layers(coordinator, near, costs).layers
+            except EdgeError as e:
+                say(f"{delay:g} ms: near peers only: {e}")
             order = [coordinator, *sorted(remotes, key=lambda m: m.link.bytes_per_s)]
             plans["memory-only (exo)"] = {k: v for k, v in proportional_split(order, costs.n_layers).items()}
             row = {"links": {n: {"rtt_ms": i.link.rtt_s * 1e3, "mbit": i.link.bytes_per_s * 8 / 1e6,
@@ -304,18 +312,12 @@ def main() -> None:
             say(f"{delay:g} ms: llama.cpp's own --rpc split")
             row["systems"]["llama.cpp default --rpc"] = timed([(i.address, 0) for i in infos], True, True)
             if single is None:
-                say("one device, inside its memory")
+                say("one device, all in memory (more than its budget)")
                 single = run_group(gguf, identity, [], **common)
-                coord_cap.set_limit(8 << 30)
-                say("one device, all in memory (no cap)")
-                single_free = run_group(gguf, identity, [], **common)
-                coord_cap.set_limit(coord_limit)
-            row["systems"]["one device (its memory)"] = single
-            row["systems"]["one device (no cap)"] = single_free
+            row["systems"]["one device (no budget)"] = single
             results["delays"][str(delay)] = row
             print("\n".join(table(delay, row)), flush=True)
     finally:
-        to_root_cgroup()
         for a in agents.values():
             a.stop()
         for link in links.values():
@@ -323,7 +325,7 @@ def main() -> None:
                 link.proc.stop()
         for h in hosts.values():
             h.__exit__()
-        for c in [*caps.values(), coord_cap]:
+        for c in caps.values():
             c.__exit__()
     (args.root / "d2d-results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(summary(results)), flush=True)
@@ -356,10 +358,12 @@ def summary(results: dict) -> list[str]:
     ratio40 = None
     for d, row in results["delays"].items():
         s = row["systems"]
-        e, m, n = (med(s[k].get("tok_s", [])) for k in ("edge (distance-aware)", "memory-only (exo)", "near peers only"))
+        e, m, n = (med(s.get(k, {}).get("tok_s", [])) for k in ("edge (distance-aware)", "memory-only (exo)",
+                                                                 "near peers only"))
         ll = med(s["llama.cpp default --rpc"].get("tok_s", []))
         pred = s["edge (distance-aware)"]["predicted_tok_s"]
-        out.append(f"{float(d):6g} {e:6.1f} {m:7.1f} {n:6.1f} {ll:6.1f} {e / m:8.2f}x {e / max(m, n):9.2f}x "
+        out.append(f"{float(d):6g} {e:6.1f} {m:7.1f} {n:6.1f} {ll:6.1f} {e / m:8.2f}x "
+                   f"{e / max(x for x in (m, n) if x == x):9.2f}x "
                    f"{(pred - e) / e:+8.1%}")
         if float(d) == 40:
             ratio40 = e / m

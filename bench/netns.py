@@ -41,7 +41,9 @@ class Host:
         return self
 
     def argv(self, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *argv]
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup a process is in
+        # (an agent under a memory cap would report the machine's free memory instead of the cap's)
+        return ["nsenter", f"--net=/run/netns/{self.ns}", *argv]
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(self.argv(argv), **kw)
