@@ -246,26 +246,33 @@ def test_a_frozen_member_is_lost_within_2s_and_a_replan_finishes_the_text(cluste
         os.kill(p1.proc.pid, signal.SIGCONT)
 
 
-def test_edge_load_across_peers_places_by_measurement_and_generates(tmp_path, monkeypatch, default_gguf_f32):
-    """The SDK path: profiles measured (once, shared by the agents' cache), links measured, the
-    split planned, the text the same as on one device."""
+def profiled_cluster(tmp_path: Path, monkeypatch, prefix: str, agents: list) -> None:
+    """Two paired agents (appended to ``agents`` as they start) whose profiles are this machine's,
+    measured once into a shared edge cache that also holds the coordinator's identity."""
     import shutil
 
-    import edge
     from edge.device.profile import cached_profile
 
     shared = tmp_path / "cache"
     monkeypatch.setenv("EDGE_CACHE_DIR", str(shared))
     cached_profile()                                     # this machine, for coordinator and peers alike
     root = tmp_path / "ids"
-    agents = []
+    for i in range(2):
+        a = AgentProc(root / f"{prefix}{i}", f"{prefix}{i}", profile=True)
+        agents.append(a)
+        assert pair(a, root / "coord").returncode == 0
+        a.wait_all("serving the cluster", "profile measured")
+    shutil.copytree(root / "coord", shared / "d2d")
+
+
+def test_edge_load_across_peers_places_by_measurement_and_generates(tmp_path, monkeypatch, default_gguf_f32):
+    """The SDK path: profiles measured (once, shared by the agents' cache), links measured, the
+    split planned, the text the same as on one device."""
+
+    import edge
+    agents: list[AgentProc] = []
     try:
-        for i in range(2):
-            a = AgentProc(root / f"q{i}", f"q{i}", profile=True)
-            agents.append(a)
-            assert pair(a, root / "coord").returncode == 0
-            a.wait_all("serving the cluster", "profile measured")
-        shutil.copytree(root / "coord", shared / "d2d")
+        profiled_cluster(tmp_path, monkeypatch, "q", agents)
         addresses = [a.address for a in agents]
         with edge.load(default_gguf_f32, peers=addresses, n_ctx=256) as m:   # this device holds it all: no peer used
             assert m.backend_name == "d2d" and m.metrics()["peers"] == []
@@ -303,22 +310,10 @@ def test_deploy_across_peers_writes_a_group_plan_that_run_follows(tmp_path, monk
     exit 2 and no bundle), a gguf bundle with a d2d plan.json, a smoke run across the group; edge
     run on the bundle follows the plan, placing again on fresh measurements (a member gone since
     is left out, said once)."""
-    import shutil
 
-    from edge.device.profile import cached_profile
-
-    shared = tmp_path / "cache"
-    monkeypatch.setenv("EDGE_CACHE_DIR", str(shared))
-    cached_profile()
-    root = tmp_path / "ids"
-    agents = []
+    agents: list[AgentProc] = []
     try:
-        for i in range(2):
-            a = AgentProc(root / f"d{i}", f"d{i}", profile=True)
-            agents.append(a)
-            assert pair(a, root / "coord").returncode == 0
-            a.wait_all("serving the cluster", "profile measured")
-        shutil.copytree(root / "coord", shared / "d2d")
+        profiled_cluster(tmp_path, monkeypatch, "d", agents)
         gone = f"127.0.0.1:{free_port()}"
         bad = subprocess.run(EDGE + ["deploy", str(default_gguf_f32), "-o", str(tmp_path / "nope"), "--peers", gone],
                              capture_output=True, text=True, timeout=120)

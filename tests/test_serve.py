@@ -162,7 +162,9 @@ def test_overload_gets_429_past_the_queue_and_metrics_add_up(server):
 
     def ask(i: int) -> None:
         try:
-            r = c.completions.create(model="x", prompt="def ", max_tokens=150, temperature=0)
+            # long enough that all five arrive while the first generates: the default model makes
+            # 150 tokens in ~40 ms on a fast 2-core VM, less than the arrivals' spread
+            r = c.completions.create(model="x", prompt="def ", max_tokens=1500, temperature=0)
             results.append(("ok", r.usage.completion_tokens))
         except openai.RateLimitError as e:
             results.append(("429", e.response.headers.get("retry-after")))
@@ -189,7 +191,8 @@ def test_overload_gets_429_past_the_queue_and_metrics_add_up(server):
     after = server.metrics()
     assert after["edge:num_requests_running"] == 0 and after["edge:num_requests_waiting"] == 0
     generated = sum(n for kind, n in results if kind == "ok")
-    assert after["edge:generation_tokens_total"] - before["edge:generation_tokens_total"] == generated == 3 * 150
+    assert after["edge:generation_tokens_total"] - before["edge:generation_tokens_total"] == generated
+    assert all(n > 0 for kind, n in results if kind == "ok")
     # with retries on, the client honours Retry-After and gets through
     busy = threading.Thread(target=ask, args=(9,))
     busy.start()
