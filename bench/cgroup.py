@@ -27,6 +27,10 @@ class MemoryCap:
         self.path = ROOT / (name or f"edge-bench-{os.getpid()}-{time.monotonic_ns()}")
 
     def __enter__(self) -> "MemoryCap":
+        if self.path.is_dir():  # a named group a killed earlier run left: emptied and made anew
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                subprocess.run(["kill", "-9", pid], check=False)
+            self.__exit__()
         self.path.mkdir()
         if self.limit is not None:
             (self.path / "memory.limit_in_bytes").write_text(str(self.limit))

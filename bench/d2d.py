@@ -49,7 +49,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cgroup import ROOT as CGROUP_ROOT  # noqa: E402
 from cgroup import MemoryCap, drop_caches  # noqa: E402
 from netns import Host  # noqa: E402
 
@@ -61,11 +60,6 @@ PROMPT = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n
 AGENT_PORT = 50600
 NEAR_RTT_MS, FAR_MBIT = 0.5, 20.0
 PEERS = (("p1", 1, 3), ("p2", 2, 3), ("far", 3, 10))  # name, namespace index, layers its memory holds
-
-
-def to_root_cgroup() -> None:
-    """A child that is not the coordinator's (a link, an agent's own cgroup is set after)."""
-    (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
 
 
 class Proc:
@@ -115,8 +109,7 @@ class Link:
         if self.proc:
             self.proc.stop()
         self.proc = Proc([sys.executable, str(HERE / "linkemu.py"), "--listen", f"127.0.0.1:{self.port}",
-                          "--target", self.target, "--rtt-ms", str(rtt_ms), "--mbit", str(mbit)],
-                         preexec=to_root_cgroup, stream="stdout")
+                          "--target", self.target, "--rtt-ms", str(rtt_ms), "--mbit", str(mbit)], stream="stdout")
         self.proc.wait_for("linkemu listening", 20)
         self.rtt_ms, self.mbit = rtt_ms, mbit
 
@@ -127,7 +120,7 @@ class Link:
 
 def start_peer(root: Path, host: Host, name: str, coordinator_id: Path, link: Link, threads: int) -> tuple[Proc, MemoryCap]:
     """An agent in its namespace and cgroup, paired through its link, its profile measured."""
-    cap = fresh_cap(4 << 30, f"edge-d2d-{name}")
+    cap = MemoryCap(4 << 30, name=f"edge-d2d-{name}").__enter__()
     env = os.environ | {"EDGE_CACHE_DIR": str(root / "hosts" / name / "cache")}
     argv = host.argv(EDGE + ["peer", "serve", "--host", host.address, "--port", str(AGENT_PORT), "--name", name,
                              "--threads", str(threads), "--no-advertise", "--profile",
@@ -141,21 +134,6 @@ def start_peer(root: Path, host: Host, name: str, coordinator_id: Path, link: Li
     agent.wait_for("serving the cluster", 60)
     agent.wait_for("profile measured", 600)
     return agent, cap
-
-
-def fresh_cap(limit: int | None, name: str) -> MemoryCap:
-    """A memory cgroup of this name, emptied of what a killed earlier run left in it."""
-    old = CGROUP_ROOT / name
-    if old.is_dir():
-        for pid in (old / "cgroup.procs").read_text().split():
-            subprocess.run(["kill", "-9", pid], check=False)
-        for _ in range(50):
-            try:
-                old.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-    return MemoryCap(limit, name=name).__enter__()
 
 
 def usage(cap: MemoryCap) -> int:
@@ -179,7 +157,6 @@ def run_group(gguf: Path, identity, placement, *, runs: int, tokens: int, thread
     try:
         for _ in range(runs):
             be.truncate(0)
-            be.n_past = 0
             t0 = time.perf_counter()
             logits = be.eval(prompt)
             ttft = time.perf_counter() - t0
@@ -287,7 +264,7 @@ def main() -> None:
             except EdgeError as e:
                 say(f"{delay:g} ms: near peers only: {e}")
             order = [coordinator, *sorted(remotes, key=lambda m: m.link.bytes_per_s)]
-            plans["memory-only (exo)"] = {k: v for k, v in proportional_split(order, costs.n_layers).items()}
+            plans["memory-only (exo)"] = proportional_split(order, costs.n_layers)
             row = {"links": {n: {"rtt_ms": i.link.rtt_s * 1e3, "mbit": i.link.bytes_per_s * 8 / 1e6,
                                  "free_mib": i.free_bytes / 2**20} for n, i in named.items()},
                    "coordinator_free_mib": coordinator.free_bytes / 2**20, "systems": {}, "reasons": best.reasons}

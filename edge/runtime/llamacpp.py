@@ -78,40 +78,44 @@ def model_params(opt: LoadOptions, *, vocab_only: bool = False):
     p.use_extra_bufts = False if vocab_only else _extra_bufts(opt)  # a vocabulary has no weights to repack
     if opt.rpc_layers and not vocab_only:
         _place_on_rpc(p, opt.rpc_layers)
-    if opt.rpc_default_split and not vocab_only:
-        _place_on_rpc(p, tuple((ep, 1) for ep in opt.rpc_default_split), default_split=True)
+    if opt.rpc_default_split and not vocab_only:  # llama.cpp's own split: every layer, no tensor_split
+        p.devices = _device_array(opt.rpc_default_split)
+        p.n_gpu_layers = 999
     return p
 
 
 _keep_alive: list = []  # the device and split arrays llama.cpp reads while it loads
 
 
-def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...], default_split: bool = False) -> None:
-    """Point llama_model_params at the RPC servers' devices with a layer split: n_gpu_layers is the
-    remote layers' total (llama.cpp offloads the last ones, so the output stays here), tensor_split
-    their counts (llama.cpp splits by cumulative fractions, which exact counts reproduce). With
-    ``default_split``: every layer and the output offloaded, no tensor_split (llama.cpp's own)."""
+def _device_array(endpoints) -> int:
+    """The address of a NULL-ended array of the RPC servers' first devices (kept alive while
+    llama.cpp loads), for llama_model_params.devices."""
     import ctypes
 
     from edge._llamacpp import rpc_devices
 
-    used = [(ep, n) for ep, n in rpc_layers if n > 0]
-    devices, split = [], []
-    for ep, n in used:
+    devices = []
+    for ep in endpoints:
         devs = rpc_devices(ep)
         if not devs:
             raise EdgeError(f"the RPC server at {ep} has no devices")
         devices.append(devs[0])
-        split.append(float(n))
     arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
-    if default_split:
-        _keep_alive[:] = [arr]
-        p.devices = ctypes.cast(arr, ctypes.c_void_p).value
-        p.n_gpu_layers = 999
-        return
+    _keep_alive[:] = [arr]
+    return ctypes.cast(arr, ctypes.c_void_p).value
+
+
+def _place_on_rpc(p, rpc_layers: tuple[tuple[str, int], ...]) -> None:
+    """Point llama_model_params at the RPC servers' devices with a layer split: n_gpu_layers is the
+    remote layers' total (llama.cpp offloads the last ones, so the output stays here), tensor_split
+    their counts (llama.cpp splits by cumulative fractions, which exact counts reproduce)."""
+    import ctypes
+
+    used = [(ep, n) for ep, n in rpc_layers if n > 0]
+    p.devices = _device_array(ep for ep, _ in used)
+    split = [float(n) for _, n in used]
     ts = (ctypes.c_float * 128)(*split)
-    _keep_alive[:] = [arr, ts]
-    p.devices = ctypes.cast(arr, ctypes.c_void_p).value
+    _keep_alive.append(ts)
     p.tensor_split = ctypes.cast(ts, type(p.tensor_split))
     p.n_gpu_layers = int(sum(split))
 
