@@ -80,7 +80,53 @@ def hf_special_ids(model_dir: Path) -> tuple[int | None, tuple[int, ...]]:
 
 
 def hf_tokenizer_file(model_dir: Path) -> Path:
+    """The folder's ``tokenizer.json``; for a folder that ships only a SentencePiece
+    ``tokenizer.model`` (older Llama/Mistral uploads), the tokenizer.json transformers converts it
+    to, written once into edge's cache beside copies of the tokenizer files (the model's own folder
+    is never written to)."""
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ModelFormatError(f"{model_dir} has no tokenizer.json")
-    return path
+    if path.is_file():
+        return path
+    if (model_dir / "tokenizer.model").is_file():
+        return _converted_sentencepiece(model_dir)
+    raise ModelFormatError(f"{model_dir} has no tokenizer.json (nor a SentencePiece tokenizer.model)")
+
+
+_TOKENIZER_SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja", "config.json")
+
+
+def _converted_sentencepiece(model_dir: Path) -> Path:
+    import hashlib
+    import shutil
+    import tempfile
+
+    from edge.paths import cache_dir
+
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_SIDE_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes())
+    out = cache_dir("tokenizers", digest.hexdigest()[:16])
+    if (out / "tokenizer.json").is_file():
+        return out / "tokenizer.json"
+    try:
+        import sentencepiece  # noqa: F401  (transformers' converter reads the model with it)
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise EdgeError(f"{model_dir} has a SentencePiece tokenizer.model but no tokenizer.json: converting it "
+                        f"needs transformers and sentencepiece (pip install 'edge[convert]')") from None
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for name in _TOKENIZER_SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, Path(tmp) / name)
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp)
+            tok.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds for a file it cannot read)
+            raise ModelFormatError(f"{model_dir / 'tokenizer.model'} could not be converted to a tokenizer.json "
+                                   f"({type(e).__name__}: {str(e)[:200]})") from None
+        for name in (*_TOKENIZER_SIDE_FILES, "tokenizer.json"):
+            if (Path(tmp) / name).is_file():
+                shutil.move(Path(tmp) / name, out / name)  # tokenizer.json last: its presence marks a finished copy
+    return out / "tokenizer.json"

@@ -105,6 +105,37 @@ def test_sentencepiece_ids_agree_with_transformers_and_llama_cpp(spm_dir, tmp_pa
     assert _llama_ids(json_only, json_only, default_dir) == spm  # scores from the merges' ranks
 
 
+def test_folder_with_only_tokenizer_model_is_converted_outside_it(spm_dir, tmp_path, default_dir, monkeypatch):
+    """An upload that ships tokenizer.model without tokenizer.json: edge converts it (as
+    transformers does) into its cache, never into the model's folder, and the ids still agree."""
+    import sentencepiece
+
+    from edge.runtime.tokenizer import HFTokenizer
+    from edge.sources import hf_tokenizer_file
+
+    monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "spm-only"
+    folder.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(spm_dir / name, folder / name)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    tok_json = hf_tokenizer_file(folder)
+    assert tok_json.parent != folder and tok_json.is_file()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+    assert hf_tokenizer_file(folder) == tok_json  # converted once, then read from the cache
+    assert [HFTokenizer(tok_json).encode(line) for line in LINES] == [_hf_ids(spm_dir, line) for line in LINES]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
+    assert _llama_ids(tok_json.parent, tmp_path, default_dir) == [sp.encode(line) for line in LINES]
+
+
+def test_folder_without_any_tokenizer_is_refused(tmp_path):
+    from edge.errors import ModelFormatError
+    from edge.sources import hf_tokenizer_file
+
+    with pytest.raises(ModelFormatError, match="has no tokenizer.json"):
+        hf_tokenizer_file(tmp_path)
+
+
 def test_sentencepiece_gguf_fields(spm_dir):
     from edge.formats.gguf_vocab import BYTE, CONTROL, UNKNOWN, vocab_fields
 
