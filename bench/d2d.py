@@ -59,6 +59,7 @@ SHAPE = dict(arch="qwen3_moe", n_layers=8, hidden_size=1024, n_heads=8, n_kv_hea
 PROMPT = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot ="
 AGENT_PORT = 50600
 NEAR_RTT_MS, FAR_MBIT = 0.5, 20.0
+FAULT_DELAY_MS, FAULT_AT = 40.0, 20  # faults are injected on the far link's 40 ms setting, at token 20
 PEERS = (("p1", 1, 3), ("p2", 2, 3), ("far", 3, 10))  # name, namespace index, layers its memory holds
 
 
@@ -188,6 +189,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--delays", default="0,2,5,10,20,40,80", help="the far link's round-trip times to sweep, ms")
+    ap.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"at {FAULT_DELAY_MS:g} ms, kill the far peer's RPC server and cut its link at token {FAULT_AT}")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("error: needs root (network namespaces, cgroups, drop_caches)")
@@ -294,6 +297,9 @@ def main() -> None:
             row["systems"]["one device (no budget)"] = single
             results["delays"][str(delay)] = row
             print("\n".join(table(delay, row)), flush=True)
+            if delay == FAULT_DELAY_MS and args.faults:
+                results["faults"] = faults(gguf, identity, plans["memory-only (exo)"], done, named, name_of, me, infos,
+                                           agents["far"].p.pid, links["far"].proc.p.pid, args, prompt, say)
     finally:
         for a in agents.values():
             a.stop()
@@ -306,6 +312,27 @@ def main() -> None:
             c.__exit__()
     (args.root / "d2d-results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(summary(results)), flush=True)
+
+
+def faults(gguf, identity, layers, done, named, name_of, me, infos, far_agent_pid, far_link_pid, args, prompt,
+           say) -> list[dict]:
+    """bench/d2d_faults.py on the memory-only placement (the one that uses the far peer), with the
+    replan the SDK makes (edge.sdk.group.load_group: edge's split over the members left)."""
+    from d2d_faults import fault_runs, fault_table
+
+    from edge.d2d.planning import place
+
+    placement = [(named[name_of[n]].address, k) for n, k in layers.items() if n != "this device" and k]
+    reference = done[tuple(sorted(layers.items()))]["runs_tokens"][0]
+
+    def replan(old, lost: list[str]):
+        return place(gguf, me, [i for i in infos if i.address not in lost], args.ctx)[1]
+
+    rows = fault_runs(gguf, identity, placement, replan, reference, far_agent_pid=far_agent_pid,
+                      far_link_pid=far_link_pid, prompt=prompt, tokens=args.tokens, threads=args.threads,
+                      n_ctx=args.ctx, at=FAULT_AT, say=say)
+    print("\n".join(fault_table(rows, FAULT_AT)), flush=True)
+    return rows
 
 
 def med(xs: list[float]) -> float:

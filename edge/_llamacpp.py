@@ -119,3 +119,23 @@ def die_with_parent(poll_s: float = 0.5) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="edge-parent-watch", daemon=True).start()
+
+
+# libgomp spins this many times before an idle OpenMP thread sleeps (its default is 300,000).
+GROUP_SPINCOUNT = "10000"
+
+
+def group_process_env() -> dict[str, str]:
+    """The environment of a group's llama.cpp processes (the coordinator's worker, each member's
+    RPC server): OpenMP threads that stop spinning soon after their work. A member of a group
+    waits on the network between its runs, where libgomp's default spin (300,000 rounds after
+    every parallel region) burns a phone's battery and, where devices share cores, takes the core
+    of the device that is computing. Measured on this 2-core VM, the d2d benchmark's model with
+    3 + 2 + 3 layers on coordinator + two RPC servers on loopback: 45 tok/s at libgomp's default,
+    94 with OMP_WAIT_POLICY=passive (which costs one device 15%: 136 -> 115), 131-145 with 10,000
+    spins (one device unchanged); docs/d2d.md. A policy or count the user set is kept."""
+    import os
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return dict(os.environ)
+    return os.environ | {"GOMP_SPINCOUNT": GROUP_SPINCOUNT}

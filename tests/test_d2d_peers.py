@@ -246,6 +246,39 @@ def test_a_frozen_member_is_lost_within_2s_and_a_replan_finishes_the_text(cluste
         os.kill(p1.proc.pid, signal.SIGCONT)
 
 
+def rpc_server_of(agent: AgentProc) -> psutil.Process | None:
+    return next((c for c in psutil.Process(agent.proc.pid).children(recursive=True)
+                 if "edge.d2d.rpc_server" in " ".join(c.cmdline())), None)
+
+
+def test_a_killed_rpc_server_names_its_member_and_a_replan_finishes_the_text(cluster, default_gguf_f32,
+                                                                            single_device):
+    """Only the member's llama.cpp RPC server dies (its agent lives on and starts a new one): the
+    group's llama.cpp process aborts, the error names that member within 2 s, and a replan over
+    the other member finishes the text unchanged."""
+    me, (p0, p1) = cluster
+    gb = GroupBackend(default_gguf_f32, me, [(p0.address, 1), (p1.address, 1)], n_ctx=256, extra_bufts=False)
+    t = {}
+    with pytest.raises(PeerLost, match=f"peer {p1.address} ended its RPC session") as e:
+        greedy(gb, at=lambda: (rpc_server_of(p1).kill(), t.setdefault("t", time.monotonic())))
+    assert time.monotonic() - t["t"] < 2.0 and e.value.lost == [p1.address]
+    gb.close()
+    p1.line("RPC server exited .* starting it again")
+    gb = GroupBackend(default_gguf_f32, me, [(p0.address, 1), (p1.address, 1)], n_ctx=256, extra_bufts=False,
+                      replan=lambda placement, lost: [(p, n) for p, n in placement if p not in lost])
+    try:
+        assert greedy(gb, at=lambda: rpc_server_of(p1).kill()) == single_device
+        assert gb.replans == 1 and gb.placement == [(p0.address, 1)]
+    finally:
+        gb.close()
+    p1.line("RPC server exited .* starting it again")
+    deadline = time.monotonic() + 30  # the next tests use p1: its new RPC server listening
+    while not ((server := rpc_server_of(p1)) and any(c.status == psutil.CONN_LISTEN
+                                                      for c in server.net_connections())):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def profiled_cluster(tmp_path: Path, monkeypatch, prefix: str, agents: list) -> None:
     """Two paired agents (appended to ``agents`` as they start) whose profiles are this machine's,
     measured once into a shared edge cache that also holds the coordinator's identity."""

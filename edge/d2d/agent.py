@@ -27,6 +27,7 @@ import time
 
 import psutil
 
+from edge._llamacpp import group_process_env
 from edge.d2d.identity import Identity, peer_name
 from edge.d2d.pairing import PairingError, WrongCodeError, device_answer, new_code
 from edge.d2d.wire import MAX_LINE, WireError, read_msg, write_msg
@@ -68,7 +69,7 @@ def nodelay(*writers: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen=None) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen=None) -> None:
     try:
         while chunk := await reader.read(1 << 16):
             writer.write(chunk)
@@ -85,7 +86,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen
 async def splice(a: tuple, b: tuple, seen_ab=None, seen_ba=None) -> None:
     """Copy a's reader to b's writer and b's reader to a's writer until both ends close;
     ``seen_ab(n)`` / ``seen_ba(n)`` hear of every chunk that went each way."""
-    await asyncio.gather(_pipe(a[0], b[1], seen_ab), _pipe(b[0], a[1], seen_ba))
+    await asyncio.gather(pipe(a[0], b[1], seen_ab), pipe(b[0], a[1], seen_ba))
 
 
 class _Unread(asyncio.Protocol):
@@ -211,7 +212,7 @@ class Agent:
 
         self._rpc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edge.d2d.rpc_server", "--port", str(self.rpc_port), "--threads", str(self.threads),
-            "--cache-dir", str(cache_dir("rpc-tensors")),
+            "--cache-dir", str(cache_dir("rpc-tensors")), env=group_process_env(),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

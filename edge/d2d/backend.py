@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge._llamacpp import group_process_env
 from edge.d2d.identity import Identity
 from edge.d2d.relay import Relay
 from edge.d2d.worker import read_frame, write_frame
@@ -31,7 +32,8 @@ POLL_S = 0.05
 
 
 class PeerLost(EdgeError):
-    """A member of the group stopped answering mid-generation."""
+    """A member of the group stopped answering mid-generation; ``lost``: the addresses of the
+    members lost or whose RPC server ended the session (empty when the child died alone)."""
 
     def __init__(self, message: str, lost: list[str]):
         super().__init__(message)
@@ -68,7 +70,7 @@ class GroupBackend:
         self.relay = Relay(self.identity, [p for p, _ in self.placement], heartbeat_s=self.heartbeat_s,
                            lost_after_s=self.lost_after_s).__enter__()
         self._proc = subprocess.Popen([sys.executable, "-m", "edge.d2d.worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=group_process_env())
         rpc = [[t.endpoint, n] for t, (_, n) in zip(self.relay.tunnels, self.placement)]
         self._send(json.dumps({"gguf": str(self.gguf), "rpc_layers": rpc, "n_ctx": self.n_ctx_wanted,
                                "threads": self.threads, "extra_bufts": self.extra_bufts,
@@ -106,14 +108,14 @@ class GroupBackend:
                 frame = read_frame(fd)
                 if frame is None:
                     time.sleep(POLL_S * 2)  # a heartbeat may be about to say which member it was
-                    self._fail("; ".join(self.relay.lost()) or "the group's llama.cpp process ended "
-                               f"(exit {self._proc.poll()})")
+                    self._fail("; ".join(t.lost or t.ended for t in self.relay.failed())
+                               or f"the group's llama.cpp process ended (exit {self._proc.poll()})")
                 return frame
             if time.monotonic() > deadline:
                 self._fail(f"the group did not answer within {timeout_s:.0f} s")
 
     def _fail(self, why: str):
-        lost = self.relay.lost() if self.relay else []
+        lost = [t.peer for t in self.relay.failed()] if self.relay else []
         self._stop()
         raise PeerLost(f"the group lost a member mid-generation: {why}", lost)
 
@@ -137,8 +139,8 @@ class GroupBackend:
         return logits
 
     def _recover(self, e: PeerLost) -> np.ndarray:
-        # the members the heartbeats lost; if none was (the child died alone), none is trusted
-        lost_peers = [t.peer for t in self.relay.tunnels if t.lost] or [p for p, _ in self.placement]
+        # the members lost or whose RPC session ended; if none was (the child died alone), none is trusted
+        lost_peers = e.lost or [p for p, _ in self.placement]
         placement = self.replan(self.placement, lost_peers)
         print(f"warning: {e}; placed again on {len(placement)} member(s) and feeding the {len(self.history)} "
               "tokens so far again", file=sys.stderr)
@@ -169,7 +171,7 @@ class GroupBackend:
         tunnels = self.relay.tunnels if self.relay else []
         return {"engine": self.name, "resident_bytes": rss, "replans": self.replans, "load_s": self.load_s,
                 "peers": [{"peer": t.peer, "layers": n, "sent_bytes": t.sent, "received_bytes": t.received,
-                           "turns": t.turns, "lost": t.lost} for t, (_, n) in zip(tunnels, self.placement)]}
+                           "turns": t.turns, "lost": t.lost or t.ended} for t, (_, n) in zip(tunnels, self.placement)]}
 
     def turns(self) -> dict[str, int]:
         """Request-reply exchanges with each member since the group was (last) placed."""

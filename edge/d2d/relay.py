@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
-from edge.d2d.agent import nodelay, splice
+from edge.d2d.agent import nodelay, pipe
 from edge.d2d.identity import Identity
 from edge.d2d.wire import MAX_LINE, read_msg, write_msg
 from edge.errors import EdgeError
@@ -30,19 +31,25 @@ class Tunnel:
     sent: int = 0             # coordinator -> peer bytes
     received: int = 0         # peer -> coordinator bytes
     turns: int = 0            # exchanges: coordinator -> peer bytes after peer -> coordinator ones
+    waited_s: float = 0.0     # seconds from the last byte of each request to the first of its answer
     _last_up: bool = False
+    _up_at: float = 0.0
     connections: int = 0
     broken: str | None = None  # why the last connection to the peer failed, if it did
     lost: str | None = None    # why the heartbeat declared the peer gone, once it has
+    ended: str | None = None   # why the peer ended an RPC session llama.cpp still held, if it did
 
     def up(self, n: int) -> None:
         self.sent += n
         if not self._last_up:
             self.turns += 1
         self._last_up = True
+        self._up_at = time.perf_counter()
 
     def down(self, n: int) -> None:
         self.received += n
+        if self._last_up:  # the answer's first bytes: the wait is the peer's compute plus the link
+            self.waited_s += time.perf_counter() - self._up_at
         self._last_up = False
 
     @property
@@ -109,6 +116,10 @@ class Relay:
         """Why each lost peer is lost."""
         return [t.lost for t in self.tunnels if t.lost]
 
+    def failed(self) -> list[Tunnel]:
+        """The tunnels whose peer is lost or ended a session llama.cpp still held."""
+        return [t for t in self.tunnels if t.lost or t.ended]
+
     async def _carry(self, t: Tunnel, reader, writer) -> None:
         host, _, port = t.peer.rpartition(":")
         t.connections += 1
@@ -126,15 +137,32 @@ class Relay:
             writer.close()
             return
         nodelay(pw, writer)  # RPC is many small messages
+        first: list[str] = []  # which side's stream ended first
+        up = asyncio.ensure_future(pipe(reader, pw, t.up))
+        down = asyncio.ensure_future(pipe(pr, writer, t.down))
+        up.add_done_callback(lambda _: first.append("coordinator"))
+        down.add_done_callback(lambda _: first.append("peer"))
         try:
-            await splice((reader, writer), (pr, pw), t.up, t.down)
+            await asyncio.gather(up, down)
+            if first[0] == "peer":
+                # the member ended a session llama.cpp still held: its RPC server stopped (the agent
+                # starts a new one) or its side of the link went down
+                t.ended = f"peer {t.peer} ended its RPC session (its llama.cpp RPC server stopped)"
+                log.warning("%s", t.ended)
         except asyncio.CancelledError:  # the relay is closing
+            up.cancel()
+            down.cancel()
             writer.close()
             pw.close()
 
     def traffic(self) -> dict[str, tuple[int, int]]:
         """Bytes sent to and received from each peer so far."""
         return {t.peer: (t.sent, t.received) for t in self.tunnels}
+
+    def waited(self) -> dict[str, float]:
+        """Seconds llama.cpp has waited on each peer so far (its layers' compute, its link and
+        every forwarder between), as the relay sees it."""
+        return {t.peer: t.waited_s for t in self.tunnels}
 
     def turns(self) -> dict[str, int]:
         """Request-reply exchanges with each peer so far (round trips llama.cpp waited on, at most)."""
@@ -147,10 +175,13 @@ class Relay:
         async def shut():
             for s in self._servers:
                 s.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):  # a connection accepted just before the close starts its task after the first round
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                if not tasks:
+                    break
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
