@@ -161,7 +161,7 @@ def run_group(gguf: Path, identity, placement, *, runs: int, tokens: int, thread
             t0 = time.perf_counter()
             logits = be.eval(prompt)
             ttft = time.perf_counter() - t0
-            before = be.traffic()
+            before, waited0 = be.traffic(), be.relay.waited()
             got, t1 = [], time.perf_counter()
             for _ in range(tokens):
                 t = int(np.argmax(logits))
@@ -174,6 +174,8 @@ def run_group(gguf: Path, identity, placement, *, runs: int, tokens: int, thread
             out["runs_tokens"].append(got)
             out["per_token_bytes"] = {p: ((after[p][0] - before[p][0]) / tokens, (after[p][1] - before[p][1]) / tokens)
                                       for p in after}
+            waited = be.relay.waited()  # per member: from llama.cpp's last byte of a request to the first of its answer
+            out.setdefault("waited_ms", []).append({p: (waited[p] - waited0[p]) / tokens * 1e3 for p in waited})
     except (PeerLost, EdgeError) as e:
         out["error"] = str(e)
     finally:
@@ -254,7 +256,7 @@ def main() -> None:
             links["far"].shape(delay, FAR_MBIT)
             offer()
             infos = measure_peers(identity, list(addresses.values()))
-            me = this_device() | {"free_bytes": coord_budget}
+            me = this_device(args.threads) | {"free_bytes": coord_budget}
             coordinator, remotes, costs = members(gguf, me, infos, args.ctx)
             named = {by_address[i.address]: i for i in infos}
             name_of = {i.name: by_address[i.address] for i in infos}

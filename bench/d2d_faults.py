@@ -24,6 +24,24 @@ def rpc_server_of(agent_pid: int) -> psutil.Process:
     raise SystemExit(f"error: agent {agent_pid} runs no RPC server")
 
 
+def listening(pid: int) -> bool:
+    """Whether process ``pid`` has a listening TCP socket, read in its own network namespace
+    (/proc/PID/net/tcp; psutil reads the caller's namespace, where a peer's sockets are not)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    with open(f"/proc/{pid}/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(r[3] == "0A" and r[9] in inodes for r in rows)  # st 0A: LISTEN; field 9: inode
+
+
 def run_with_fault(gguf, identity, placement, *, fault, heal, replan, prompt: list[int], tokens: int, at: int,
                    threads: int, n_ctx: int) -> dict:
     """Greedy tokens with ``fault()`` called before token ``at``; the outcome, the seconds from the
@@ -64,9 +82,9 @@ def fault_runs(gguf, identity, placement, replan, reference: list[int], *, far_a
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if any(c.status == psutil.CONN_LISTEN for c in rpc_server_of(far_agent_pid).net_connections()):
+                if listening(rpc_server_of(far_agent_pid).pid):
                     return
-            except (SystemExit, psutil.Error):
+            except (SystemExit, psutil.Error, OSError):
                 pass
             time.sleep(0.1)
         raise SystemExit("error: the far agent did not start a new RPC server within 30 s")

@@ -1,5 +1,6 @@
 """Distance-based grouping and the layer split: pure functions on numbers."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.d2d.shard import Link, distance_matrix, embed, group, link_seconds
-from edge.d2d.split import Member, ModelCosts, proportional_split, split_layers
+from edge.d2d.split import Member, ModelCosts, predict, proportional_split, split_layers
 from edge.errors import EdgeError
 
 MiB = 1 << 20
@@ -93,6 +94,18 @@ def test_a_far_peer_is_used_when_nothing_else_holds_the_model():
     s = split_layers(me, [far], COSTS)
     assert s.layers == {"me": 10, "far": 14}
     assert s.network_s == pytest.approx(2 * 0.080 + 16384 / (20e6 / 8))
+
+
+def test_the_coordinators_hand_over_cost_is_paid_once_per_remote_member_and_can_leave_one_out():
+    me = Member("me", free_bytes=1200 * MiB, layer_s=0.002)   # holds all 24 layers, at 2 ms each
+    helper = Member("helper", 4000 * MiB, 0.001, NEAR)         # twice as fast, 0.5 ms away
+    cheap = split_layers(me, [helper], COSTS)
+    assert cheap.layers == {"me": 0, "helper": 24}               # 24 ms + 1.1 ms of link against 48 ms
+    costly = split_layers(me, [helper], dataclasses.replace(COSTS, run_s=0.030))
+    assert costly.layers == {"me": 24}                           # + 30 ms per hand-over: 55 ms against 48
+    assert any(r.startswith("helper left out") for r in costly.reasons)
+    assert predict(me, [helper], cheap.layers, dataclasses.replace(COSTS, run_s=0.030))[1] == pytest.approx(
+        predict(me, [helper], cheap.layers, COSTS)[1] + 0.030)
 
 
 def test_an_impossible_group_names_the_numbers():

@@ -33,6 +33,7 @@ def peer_serve(host: str = typer.Option("0.0.0.0", "--host", help="Address to li
                threads: Optional[int] = typer.Option(None, "--threads", help="Threads llama.cpp's RPC server computes with."),
                advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce this peer by mDNS."),
                profile: bool = typer.Option(True, "--profile/--no-profile", help="Measure this device (edge profile, cached a day) so coordinators can place layers by its speed."),
+               anchor: bool = typer.Option(False, "--anchor/--no-anchor", help="This device coordinates a group of its own: members nearer to it than to a coordinator asking form its group and are left out of the asker's."),
                identity: Optional[Path] = IdentityOpt) -> None:
     """Run the peer agent: pairing first if this device is in no cluster yet (it shows the code to
     type on the coordinator), then mutual TLS for members only, llama.cpp's RPC server on loopback."""
@@ -43,7 +44,7 @@ def peer_serve(host: str = typer.Option("0.0.0.0", "--host", help="Address to li
 
     logging.getLogger("edge.d2d").setLevel(logging.INFO)
     agent = Agent(_identity(identity), host=host, port=port, name=name, threads=threads, advertise=advertise,
-                  measure_profile=profile, say=lambda m: err.print(m, markup=False, soft_wrap=True))
+                  measure_profile=profile, anchor=anchor, say=lambda m: err.print(m, markup=False, soft_wrap=True))
     try:
         asyncio.run(agent.run())
     except OSError as e:
@@ -72,12 +73,13 @@ def peers(ctx: typer.Context,
           n_ctx: int = typer.Option(2048, "--ctx", help="--model: the context the split holds KV cache for."),
           as_json: bool = typer.Option(False, "--json"),
           identity: Optional[Path] = IdentityOpt) -> None:
-    """List the reachable members: round-trip time, throughput, free memory, threads; with --model,
-    the layers each would run and why."""
+    """List the reachable members: round-trip time, throughput, free memory, threads, the group
+    each is in (by distance, around this device and the members started with --anchor); with
+    --model, the layers each would run in this device's group and why."""
     if ctx.invoked_subcommand is not None:
         return
     from edge.d2d.discovery import discover
-    from edge.sdk.group import measure_peers, this_device
+    from edge.sdk.group import group_of, measure_peers, this_device
 
     me = _identity(identity)
     if not me.paired:
@@ -90,17 +92,19 @@ def peers(ctx: typer.Context,
     errors: list[dict] = []
     infos = measure_peers(me, addresses, rounds=rounds, require=False,
                           unreachable=lambda a, e: errors.append({"peer": "?", "address": a, "error": str(e)}))
+    mine, anchor_of, notes = group_of(me, infos)
     rows = [{"peer": i.name, "address": i.address, "rtt_ms": i.link.rtt_s * 1e3, "mbit_s": i.link.bytes_per_s * 8 / 1e6,
-             "free_bytes": i.free_bytes, "threads": i.threads} for i in infos] + errors
-    reasons: list[str] = []
+             "free_bytes": i.free_bytes, "threads": i.threads, "anchor": i.anchor, "group": anchor_of[i.name]}
+            for i in infos] + errors
+    reasons: list[str] = list(notes)
     if model is not None and infos:
         from edge.d2d.planning import place
 
-        split, _ = place(model, this_device(), infos, n_ctx)
+        split, _ = place(model, this_device(), mine, n_ctx)
         for r in rows:
             r["layers"] = split.layers.get(r["peer"], 0) if "error" not in r else None
         reasons = [f"predicted {1 / split.predicted_s:.1f} tok/s ({split.compute_s * 1e3:.1f} ms compute + "
-                   f"{split.network_s * 1e3:.1f} ms network per token)", *split.reasons]
+                   f"{split.network_s * 1e3:.1f} ms network per token)", *split.reasons, *notes]
     if as_json:
         out.print(json.dumps({"peers": rows, "split": reasons} if model else rows, indent=1), markup=False)
         return
@@ -108,14 +112,15 @@ def peers(ctx: typer.Context,
 
     from edge.units import format_bytes
 
-    cols = ["peer", "address", "RTT ms", "Mbit/s", "free memory", "threads"] + (["layers"] if model else [])
+    cols = ["peer", "address", "RTT ms", "Mbit/s", "free memory", "threads", "group"] + (["layers"] if model else [])
     t = Table(*cols, box=None)
     for r in rows:
         if "error" in r:
             t.add_row(r["peer"], r["address"], r["error"], *[""] * (len(cols) - 3))
         else:
+            group = "(anchor)" if r["anchor"] else r["group"]
             t.add_row(r["peer"], r["address"], f"{r['rtt_ms']:.2f}", f"{r['mbit_s']:.0f}",
-                      format_bytes(r["free_bytes"]), str(r["threads"]), *([str(r["layers"])] if model else []))
+                      format_bytes(r["free_bytes"]), str(r["threads"]), group, *([str(r["layers"])] if model else []))
     out.print(t)
     for line in reasons:
         out.print(f"  {line}", markup=False)

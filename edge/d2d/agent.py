@@ -112,8 +112,9 @@ class _TLSStream(asyncio.StreamReaderProtocol):
 class Agent:
     def __init__(self, identity: Identity, *, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
                  name: str | None = None, threads: int | None = None, advertise: bool = True,
-                 profile: dict | None = None, measure_profile: bool = True, say=print):
+                 profile: dict | None = None, measure_profile: bool = True, anchor: bool = False, say=print):
         self.identity, self.host, self.port = identity, host, port
+        self.anchor = anchor  # this device coordinates a group of its own (edge.d2d.shard's anchors)
         self.name = name or socket.gethostname()
         self.threads = threads or max(1, len(os.sched_getaffinity(0)))
         self.advertise, self.profile, self.say = advertise, profile or {}, say
@@ -266,7 +267,9 @@ class Agent:
         op = req.get("op")
         if op == "hello":
             await write_msg(writer, {"name": self.name, "threads": self.threads, "profile": self.profile,
-                                     "rpc": self.rpc_port is not None, **memory_now()})
+                                     "rpc": self.rpc_port is not None, "anchor": self.anchor, "port": self.port,
+                                     "host": self.host if self.host not in ("0.0.0.0", "::", "") else None,
+                                     **memory_now()})
         elif op == "echo":
             await write_msg(writer, {"ok": True})
             while line := await reader.readline():
@@ -289,9 +292,13 @@ class Agent:
         elif op == "measure":
             from edge.d2d.client import measure_link
 
-            link = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: measure_link(self.identity, str(req["host"]), int(req["port"]),
-                                           rounds=int(req.get("rounds", 10)), nbytes=int(req.get("bytes", 1 << 20))))
+            try:
+                link = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: measure_link(self.identity, str(req["host"]), int(req["port"]),
+                                               rounds=int(req.get("rounds", 10)), nbytes=int(req.get("bytes", 1 << 20))))
+            except EdgeError as e:  # that member is not reachable from here
+                await write_msg(writer, {"error": str(e)})
+                return
             await write_msg(writer, {"rtt_s": link.rtt_s, "bytes_per_s": link.bytes_per_s})
         elif op == "rpc":
             try:
@@ -338,7 +345,8 @@ class Agent:
         server = await asyncio.get_running_loop().create_server(lambda: _Unread(self), self.host, self.port)
         zc = await self._advertise() if self.advertise else None
         self.ready.set()
-        self.say(f"{self.name}: serving the cluster on {self.name_for_humans()}:{self.port} (mutual TLS); "
+        self.say(f"{self.name}: serving the cluster on {self.name_for_humans()}:{self.port} (mutual TLS"
+                 f"{'; an anchor: it coordinates a group of its own' if self.anchor else ''}); "
                  f"llama.cpp's RPC server on 127.0.0.1:{self.rpc_port}, {self.threads} threads")
         try:
             await stop.wait()

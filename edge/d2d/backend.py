@@ -15,6 +15,7 @@ import logging
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,6 +61,10 @@ class GroupBackend:
         self.history: list[int] = []
         self.n_past = 0
         self.replans = 0
+        self.regroups = 0
+        self._pending: tuple[Placement, str] | None = None
+        self._lock = threading.Lock()
+        self.on_close: list[Callable[[], None]] = []
         self._proc: subprocess.Popen | None = None
         self.relay: Relay | None = None
         self._start(placement)
@@ -124,7 +129,33 @@ class GroupBackend:
         self._send(json.dumps({"eval": [int(t) for t in tokens]}).encode())
         return np.frombuffer(self._recv(self.load_timeout_s), dtype="<f4").copy()
 
+    def regroup(self, placement: Placement, why: str) -> None:
+        """Place the group again at the next eval (members joined or left: edge.sdk.group's watch);
+        the context so far is fed to the new placement, so generation goes on where it was."""
+        with self._lock:
+            self._pending = (list(placement), why)
+
+    def _apply_regroup(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None or pending[0] == self.placement:
+            return
+        old = self.placement
+        self._stop()
+        try:
+            self._start(pending[0])
+        except EdgeError as e:
+            print(f"warning: {pending[1]}, but the new placement failed ({e}); keeping the old one", file=sys.stderr)
+            self._start(old)
+        else:
+            print(f"note: {pending[1]}: placed again on {len(self.placement)} member(s)", file=sys.stderr)
+            self.regroups += 1
+        if self.n_past:
+            self._eval_once(self.history[:self.n_past])
+
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        if self._pending is not None:
+            self._apply_regroup()
         if self.n_past + len(tokens) > self.n_ctx:
             raise EdgeError(f"context full: {self.n_past} + {len(tokens)} tokens exceed n_ctx {self.n_ctx}")
         del self.history[self.n_past:]
@@ -169,7 +200,8 @@ class GroupBackend:
             except psutil.Error:
                 pass
         tunnels = self.relay.tunnels if self.relay else []
-        return {"engine": self.name, "resident_bytes": rss, "replans": self.replans, "load_s": self.load_s,
+        return {"engine": self.name, "resident_bytes": rss, "replans": self.replans, "regroups": self.regroups,
+                "load_s": self.load_s,
                 "peers": [{"peer": t.peer, "layers": n, "sent_bytes": t.sent, "received_bytes": t.received,
                            "turns": t.turns, "lost": t.lost or t.ended} for t, (_, n) in zip(tunnels, self.placement)]}
 
@@ -178,4 +210,6 @@ class GroupBackend:
         return self.relay.turns() if self.relay else {}
 
     def close(self) -> None:
+        for hook in self.on_close:
+            hook()
         self._stop()

@@ -98,6 +98,8 @@ class PeerInfo:
     profile: dict
     link: Link
     threads: int = 0
+    anchor: bool = False   # it coordinates a group of its own (edge peer serve --anchor)
+    direct: str = ""       # host:port the other members reach it at (its own listening address)
 
 
 def members(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Member, list[Member], ModelCosts]:
@@ -106,7 +108,7 @@ def members(gguf: Path, me: dict, peers: list[PeerInfo], n_ctx: int) -> tuple[Me
     g = gguf_layers(gguf, n_ctx)
     costs = ModelCosts(n_layers=g.n_layers, layer_bytes=g.layer_bytes, coordinator_bytes=g.coordinator_bytes,
                        hop_bytes=RUN_INPUT_BYTES + 4 * g.hidden, round_trips=RPC_ROUND_TRIPS,
-                       tail_bytes=4 * g.vocab)
+                       tail_bytes=4 * g.vocab, run_s=float(me.get("remote_run_s") or 0.0))
     coordinator = Member("this device", int(me["free_bytes"]) - WORKER_BASE_BYTES,
                          layer_seconds(me["profile"], g.layer_read_bytes, "this device"))
     remotes = [Member(p.name, p.free_bytes, layer_seconds(p.profile, g.layer_read_bytes, p.name), p.link) for p in peers]

@@ -7,10 +7,10 @@ contiguous run of layers; ggml's scheduler sends a remote run its input activati
 its output through the coordinator):
 
     time/token = sum_i layers_i x (layer_s_i + layer_wire_bytes / bandwidth_i)
-               + sum over remote members used of (round_trips x rtt_i + hop_bytes / bandwidth_i)
+               + sum over remote members used of (round_trips x rtt_i + hop_bytes / bandwidth_i + run_s)
                + tail_bytes / bandwidth of the last remote member
 
-(the wire terms are zero for the coordinator; the last remote run holds the model's last layer
+(``run_s``: what handing a run over costs the coordinator itself, measured by edge.d2d.probe; the wire terms are zero for the coordinator; the last remote run holds the model's last layer
 and sends back what the output needs, so the member with the fastest link goes last). For a fixed
 set of members used, the per-layer term is smallest when the cheapest members take as many
 layers as their memory holds, so the best split is found exactly by trying every subset of the
@@ -56,6 +56,7 @@ class ModelCosts:
     round_trips: float
     layer_wire_bytes: int = 0
     tail_bytes: int = 0
+    run_s: float = 0.0   # what handing one remote run over costs the coordinator, beyond the link (edge.d2d.probe)
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,16 @@ def _fill(members: list[Member], free: dict[str, int], costs: ModelCosts) -> dic
     return None if left else out
 
 
+def _run_s(m: Member, layers: int, costs: ModelCosts) -> float:
+    """One remote run of ``layers`` layers on ``m`` per token: its round trips, its bytes, the hand-over."""
+    return (costs.round_trips * m.link.rtt_s + (costs.hop_bytes + layers * costs.layer_wire_bytes) / m.link.bytes_per_s
+            + costs.run_s)
+
+
 def _time(members: list[Member], layers: dict[str, int], costs: ModelCosts) -> tuple[float, float]:
     compute = sum(layers[m.name] * m.layer_s for m in members)
     remote = [m for m in members if m.link is not None and layers[m.name]]
-    network = sum(costs.round_trips * m.link.rtt_s + (costs.hop_bytes + layers[m.name] * costs.layer_wire_bytes)
-                  / m.link.bytes_per_s for m in remote)
+    network = sum(_run_s(m, layers[m.name], costs) for m in remote)
     if remote:
         network += costs.tail_bytes / max(m.link.bytes_per_s for m in remote)
     return compute, network
@@ -128,8 +134,7 @@ def split_layers(coordinator: Member, remotes: list[Member], costs: ModelCosts) 
                f"{coordinator.layer_s * 1e3:.2f} ms/layer"]
     for m in remotes:
         if m.name in used:
-            wire = costs.round_trips * m.link.rtt_s + (costs.hop_bytes + layers[m.name] * costs.layer_wire_bytes) \
-                / m.link.bytes_per_s
+            wire = _run_s(m, layers[m.name], costs)
             reasons.append(f"{m.name}: {layers[m.name]} layers at {m.layer_s * 1e3:.2f} ms/layer; its link costs "
                            f"{wire * 1e3:.1f} ms/token")
         else:

@@ -63,13 +63,11 @@ def _probe_weights_s(gemv_q4_gflops: float, dense_bpw: float, expert_bpw: float,
     return spec.decode_bytes(dense_bpw, expert_bpw) / gemv_stream_bps(gemv_q4_gflops), spec.n_layers
 
 
-def llama_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | None:
-    """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
-    under 1 MB streamed per token: nearly all of its decode time is this fixed cost)."""
+def default_q8_gguf() -> Path:
+    """The embedded default model as a Q8_0 GGUF in edge's cache (written once): the probes' model."""
     from edge.formats.gguf_write import write_gguf
     from edge.formats.hf import load_weights
     from edge.models import default_model_path
-    from edge.runtime.llamacpp import LlamaCppBackend
 
     path = cache_dir("gguf") / "profile-default-q8_0.gguf"
     if not path.is_file():
@@ -77,7 +75,15 @@ def llama_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | Non
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         write_gguf(load_weights(d), d / "tokenizer.json", tmp, outtype="q8_0", bos_id=0, eos_id=0)
         os.replace(tmp, path)
-    be = LlamaCppBackend(path, n_ctx=256, n_threads=default_threads())
+    return path
+
+
+def llama_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | None:
+    """llama.cpp's fixed cost per layer per decoded token, from the embedded default model (Q8_0,
+    under 1 MB streamed per token: nearly all of its decode time is this fixed cost)."""
+    from edge.runtime.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(default_q8_gguf(), n_ctx=256, n_threads=default_threads())
     try:
         per_token = _per_token_s(be)
     finally:
