@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge.errors import EdgeError
+
+if TYPE_CHECKING:
+    from edge.d2d.shard import Link
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 50600
@@ -47,7 +51,7 @@ def measure_peers(identity, addresses: list[str], *, rounds: int = 10, unreachab
     return infos
 
 
-def measure_between(identity, a, b) -> "Link":
+def measure_between(identity, a, b) -> Link:
     """The link from member ``a`` to member ``b`` as ``a`` measures it (its agent's ``measure``
     op, at the address ``b`` listens on); PeerUnreachable when ``a`` cannot reach ``b``."""
     from edge.d2d.client import PeerUnreachable, connect, parse_address
