@@ -193,7 +193,18 @@ def main() -> None:
     ap.add_argument("--delays", default="0,2,5,10,20,40,80", help="the far link's round-trip times to sweep, ms")
     ap.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
                     help=f"at {FAULT_DELAY_MS:g} ms, kill the far peer's RPC server and cut its link at token {FAULT_AT}")
+    ap.add_argument("--report", action="store_true", help="print the tables of the last run (its d2d-results.json) and stop")
     args = ap.parse_args()
+    if args.report:
+        results = json.loads((args.root / "d2d-results.json").read_text())
+        for delay, row in results["delays"].items():
+            print("\n".join(table(float(delay), row)))
+        if "faults" in results:
+            from d2d_faults import fault_table
+
+            print("\n".join(fault_table(results["faults"], FAULT_AT)))
+        print("\n".join(summary(results)))
+        return
     if os.geteuid() != 0:
         sys.exit("error: needs root (network namespaces, cgroups, drop_caches)")
     delays = [float(x) for x in args.delays.split(",")]
@@ -345,7 +356,8 @@ def table(delay: float, row: dict) -> list[str]:
     links = ", ".join(f"{n} {v['rtt_ms']:.1f} ms {v['mbit']:.0f} Mbit/s {v['free_mib']:.0f} MiB free"
                       for n, v in row["links"].items())
     lines = [f"far link {delay:g} ms RTT: measured {links}; coordinator {row['coordinator_free_mib']:.0f} MiB free",
-             f"{'system':28} {'layers':34} {'tok/s':>6} {'pred':>6} {'TTFT s':>7}  KB/token per link (up/down)"]
+             f"{'system':28} {'layers':34} {'tok/s':>6} {'pred':>6} {'TTFT s':>7} {'text':>5}  KB/token per link (up/down)"]
+    one = row["systems"].get("one device (no budget)", {}).get("runs_tokens", [None])[0]
     for name, r in row["systems"].items():
         if "error" in r and not r.get("tok_s"):
             lines.append(f"{name:28} failed: {r['error'][:120]}")
@@ -353,7 +365,9 @@ def table(delay: float, row: dict) -> list[str]:
         layers = ", ".join(f"{n} {k}" for n, k in r.get("layers", {}).items()) or "-"
         pred = f"{r['predicted_tok_s']:6.1f}" if "predicted_tok_s" in r else "     -"
         wire = ", ".join(f"{up / 1e3:.1f}/{down / 1e3:.1f}" for up, down in r["per_token_bytes"].values()) or "-"
-        lines.append(f"{name:28} {layers:34} {med(r['tok_s']):6.1f} {pred} {med(r['ttft_s']):7.2f}  {wire}"
+        same = "-" if one is None or not r.get("runs_tokens") else (
+            "same" if all(t == one for t in r["runs_tokens"]) else "DIFF")  # every run's tokens against one device's
+        lines.append(f"{name:28} {layers:34} {med(r['tok_s']):6.1f} {pred} {med(r['ttft_s']):7.2f} {same:>5}  {wire}"
                      + (f"  (error after runs: {r['error'][:60]})" if "error" in r else ""))
     return lines
 

@@ -14,8 +14,10 @@ than it can do). Lengths: prompts of Zipf-distributed
 length (exponent 1.5, 8..512 tokens of held-out stdlib text, the long-tailed request lengths
 BurstGPT reports) and a response budget drawn the same way (4..256 tokens). The same seeded
 schedule for both servers. Both run with 2 threads and one generation at a time (their defaults);
-edge with its queue of 8. Each server is started afresh for each load, so one load's backlog or
-hang does not decide the next one's numbers. Results: docs/serve.md.
+edge with its queue of 8. llama-cpp-python's server runs through bench/_llama_server.py, which
+turns llama.cpp's AMX weight buffers off where they crash (as edge's own backend does there).
+Each server is started afresh for each load, so one load's backlog or hang does not decide the
+next one's numbers. Results: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ async def one(client, url: str, prompt: str, max_tokens: int, t0: float, arrival
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        # the whole request within 60 s: httpx's timeout bounds each read, and a wedged stream kept
+        # alive by the server's SSE pings (sse-starlette sends one every 15 s) never reaches it
+        async with asyncio.timeout(60), client.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             status = r.status_code
             if status == 200:
                 async for line in r.aiter_lines():
@@ -173,7 +177,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         cmd = ([sys.executable, "-m", "edge.cli", "serve", str(gguf), "--port", str(port), "--threads", "2",
                 "--backend", "llamacpp"] if name == "edge serve" else
-               [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads", "2",
+               [sys.executable, str(Path(__file__).with_name("_llama_server.py")), "--model", str(gguf), "--port",
+                str(port), "--n_threads", "2",
                 "--n_ctx", "2048"])
         for mult in loads:
             proc = start(cmd, url)

@@ -136,6 +136,26 @@ def test_a_group_gives_the_single_device_output(cluster, default_gguf_f32, singl
         gb.close()
 
 
+def test_a_group_gives_the_single_device_output_at_q8_0(cluster, default_dir, tmp_path):
+    """The same at Q8_0: quantized weights computed by the members' CPU backends."""
+    from edge.formats.gguf_write import write_gguf
+    from edge.formats.hf import load_weights
+
+    gguf = tmp_path / "default-q8_0.gguf"
+    write_gguf(load_weights(default_dir), default_dir / "tokenizer.json", gguf, outtype="q8_0", bos_id=0, eos_id=0)
+    one = LlamaCppBackend(gguf, n_ctx=256, n_threads=1, load=LoadOptions(extra_bufts=False))
+    try:
+        expected = greedy(one)
+    finally:
+        one.close()
+    me, (p0, p1) = cluster
+    gb = GroupBackend(gguf, me, [(p0.address, 1), (p1.address, 2)], n_ctx=256, extra_bufts=False)
+    try:
+        assert greedy(gb) == expected
+    finally:
+        gb.close()
+
+
 def test_a_killed_member_is_a_typed_error_within_2s(tmp_path, default_gguf_f32):
     root = tmp_path
     a = AgentProc(root / "k", "k")
