@@ -61,6 +61,21 @@ def test_a_gguf_cut_inside_its_header(moe_gguf, tmp_path):
     one_line_error(cli("inspect", str(cut)), "head.gguf is a damaged GGUF file (5,000 bytes)")
 
 
+def test_a_damaged_length_in_the_metadata_is_refused_before_parsing(moe_gguf, tmp_path):
+    """One flipped byte in the length of a metadata string sends a parser into the tensor data;
+    gguf-py parsed garbage items there for 42 s and over 2 GiB (found by the fuzz test below).
+    edge checks every length against the file first."""
+    import gguf
+
+    field = gguf.GGUFReader(str(moe_gguf)).fields["tokenizer.ggml.model"]
+    at = field.offset + 8 + len("tokenizer.ggml.model") + 4 + 1   # the 2nd byte of the string's length
+    data = bytearray(moe_gguf.read_bytes())
+    data[at] ^= 187
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    one_line_error(cli("inspect", str(bad)), "bad.gguf is a damaged GGUF file", "is not a key")
+
+
 def _tiny_gguf(path: Path, *, arch: str, experts: int, expert_type: str = "F32") -> Path:
     """A small GGUF written with gguf-py: a dense llama (experts=0) or a qwen3moe whose expert
     tensors have ``expert_type`` (bytes of the right size, random)."""

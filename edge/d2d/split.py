@@ -10,7 +10,8 @@ its output through the coordinator):
                + sum over remote members used of (round_trips x rtt_i + hop_bytes / bandwidth_i + run_s)
                + tail_bytes / bandwidth of the last remote member
 
-(``run_s``: what handing a run over costs the coordinator itself, measured by edge.d2d.probe; the wire terms are zero for the coordinator; the last remote run holds the model's last layer
+(``run_s``: what handing a run over costs the coordinator itself, measured by edge.d2d.probe;
+the wire terms are zero for the coordinator; the last remote run holds the model's last layer
 and sends back what the output needs, so the member with the fastest link goes last). For a fixed
 set of members used, the per-layer term is smallest when the cheapest members take as many
 layers as their memory holds, so the best split is found exactly by trying every subset of the

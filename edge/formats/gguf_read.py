@@ -46,6 +46,66 @@ class TensorInfo:
         raise AttributeError("TensorInfo holds no data; use bytes_of(reader)")
 
 
+# GGUF metadata value types (ggml's gguf.h): sizes of the fixed-size ones; 8 = string, 9 = array
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_metadata(path: Path) -> None:
+    """Walk a GGUF file's metadata before gguf-py parses it, checking every length and count
+    against the bytes left in the file: gguf-py builds Python objects per array item, so a
+    damaged length that sends it into the tensor data made it parse millions of garbage items
+    (a flipped byte in one string's length: 42 s and over 2 GiB before it failed; found by the
+    fuzz test). Nested arrays, which ggml's own reader refuses, are refused too. A ValueError
+    naming the field and the numbers."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size = len(m)
+
+        def u(pos: int, n: int) -> int:
+            if pos + n > size:
+                raise ValueError(f"its header ends early at byte {pos:,}")
+            return int.from_bytes(m[pos:pos + n], "little")
+
+        def string(pos: int, what: str) -> int:  # the position after a string
+            n = u(pos, 8)
+            if n > size - pos - 8:
+                raise ValueError(f"{what} claims {n:,} bytes at byte {pos:,}; the file has {size - pos - 8:,} left")
+            return pos + 8 + n
+
+        n_tensors, n_kv = u(8, 8), u(16, 8)
+        if n_tensors * 24 > size or n_kv * 13 > size:  # the smallest tensor info / key-value pair
+            raise ValueError(f"it claims {n_tensors:,} tensors and {n_kv:,} metadata keys in {size:,} bytes")
+        pos = 24
+        for _ in range(n_kv):
+            key_end = string(pos, "a metadata key")
+            key = m[pos + 8:key_end].decode("utf-8", "replace")
+            if not (key.isascii() and key.isprintable() and len(key) <= 1024):
+                raise ValueError(f"the metadata key at byte {pos:,} is not a key ({key_end - pos - 8:,} bytes)")
+            vtype, pos = u(key_end, 4), key_end + 4
+            if vtype == _ARRAY:
+                itype, count, pos = u(pos, 4), u(pos + 4, 8), pos + 12
+                if itype == _ARRAY:
+                    raise ValueError(f"metadata {key} is an array of arrays")
+                least = 8 if itype == _STRING else _GGUF_SCALAR.get(itype)
+                if least is None:
+                    raise ValueError(f"metadata {key} has items of unknown type {itype}")
+                if count * least > size - pos:
+                    raise ValueError(f"metadata {key} claims {count:,} items; the file has {size - pos:,} bytes left")
+                if itype == _STRING:
+                    for _ in range(count):
+                        pos = string(pos, f"an item of metadata {key}")
+                else:
+                    pos += count * least
+            elif vtype == _STRING:
+                pos = string(pos, f"metadata {key}")
+            elif vtype in _GGUF_SCALAR:
+                pos += _GGUF_SCALAR[vtype]
+            else:
+                raise ValueError(f"metadata {key} has unknown type {vtype}")
+
+
 def _header_reader():
     import gguf
 
@@ -90,6 +150,7 @@ def open_reader(path: Path):
     if magic != _MAGIC:
         raise ModelFormatError(f"{path.name} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
+        check_metadata(path)
         reader = _header_reader()(str(path))
     except Exception as e:  # gguf-py raises bare ValueError/IndexError/OverflowError on damaged headers
         raise ModelFormatError(f"{path.name} is a damaged GGUF file ({size:,} bytes): {_why(e)}") from None

@@ -175,9 +175,8 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
     identity, infos, me, split, placement = plan_group(path, peers, n_ctx=n_ctx, budget=budget,
                                                        identity_dir=identity_dir)
 
-    def plan(members: list) -> list:
-        mine = group_of(identity, members)[0]
-        return place(path, me, mine, n_ctx)[1] if mine else []
+    def plan(members: list) -> list:  # an EdgeError with the numbers when what is left cannot hold the model
+        return place(path, me, group_of(identity, members)[0], n_ctx)[1]
 
     def replan(old, lost: list[str]):
         return plan([i for i in watch.infos if i.address not in lost])
@@ -213,7 +212,7 @@ class MembershipWatch:
         return self
 
     def reachable(self) -> set[str]:
-        from edge.d2d.client import PeerUnreachable, hello, parse_address
+        from edge.d2d.client import hello, parse_address
         from edge.d2d.discovery import discover
 
         out = set()
@@ -222,7 +221,7 @@ class MembershipWatch:
             try:
                 hello(self.identity, host, port, timeout=2.0)
                 out.add(f"{host}:{port}")
-            except PeerUnreachable:
+            except EdgeError:  # unreachable, or no longer a member: not in the group
                 pass
         return out
 
