@@ -2,7 +2,7 @@
 edge's distance-aware plan against exo's memory-proportional placement, llama.cpp's own `--rpc`
 split and one device — tokens/s side by side in one run, and a sweep of the far link's delay.
 
-    sudo python bench/d2d.py                        # the whole run (~15 min on 2 cores)
+    sudo python bench/d2d.py                        # the whole run (~6 min on 2 cores; 40 s more to build its model)
     sudo python bench/d2d.py --delays 40 --runs 3   # one delay
 
 Topology (one Linux machine, root): each peer is a real `edge peer serve` in a network namespace
@@ -29,7 +29,9 @@ the three RPC servers with every layer offloaded (what `--rpc ... -ngl 99` does:
 server's reported free memory), the near peers only, and — for reference, over its budget —
 the coordinator alone holding every layer. Per system: decode tokens/s (median of
 ``--runs``, each from an empty context), time to first token, the bytes each link carried per
-token, and edge's predicted tokens/s. Last line: ``d2d_ratio=<edge / memory-only at 40 ms>``.
+token, edge's predicted tokens/s and whether every run's tokens equal the one device's. At 40 ms,
+the faults of bench/d2d_faults.py (the far peer's RPC server killed, its link cut, at token 20).
+``--report`` reprints the last run's tables. Last line: ``d2d_ratio=<edge / memory-only at 40 ms>``.
 """
 
 from __future__ import annotations

@@ -30,3 +30,16 @@ def test_the_wheel_carries_the_device_profiles_and_the_default_model(tmp_path):
     for f in ("config.json", "tokenizer.json", "model.safetensors", "generation_config.json"):
         assert f"edge/models/default/{f}" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+
+
+def test_no_bench_script_shadows_an_installed_package():
+    """Tests put bench/ on sys.path to import its model writers; a script there named like an
+    installed package replaces it for everything imported after (transformers 5.25 imported
+    bench/kernels.py for Hugging Face's `kernels` package and every tiny-checkpoint test failed)."""
+    code = ("import importlib.util, pathlib, sys\n"
+            f"names = sorted(p.stem for p in pathlib.Path({str(ROOT / 'bench')!r}).glob('*.py'))\n"
+            "print(' '.join(n for n in names if importlib.util.find_spec(n) is not None))")
+    # a fresh interpreter started outside the repository, so neither bench/ nor tests/ is on its path
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [], f"bench scripts named like installed packages: {proc.stdout.strip()}"

@@ -2,7 +2,7 @@
 as the offload engine uses them — GEMV time *and* the cost of turning a freshly read nested
 record into the kernel's format.
 
-    python bench/kernels.py [--rows 2816 --cols 1024 --threads 2 --reps 50]
+    python bench/kernel_choice.py [--rows 2816 --cols 1024 --threads 2 --reps 50]
 
 Results: docs/kernels.md.
 """
