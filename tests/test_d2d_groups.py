@@ -56,7 +56,8 @@ def test_a_member_nearer_another_anchor_joins_its_group_and_gets_no_layer(far_pa
     assert rows["anchor"]["anchor"] and rows["anchor"]["group"] == "anchor"
     assert rows["x"]["group"] == "anchor"                                     # x is next to the anchor
     assert rows["x"]["layers"] == 0 and rows["anchor"]["layers"] == 0
-    assert any(line.startswith("x left out: in anchor's group") for line in got["split"]), got["split"]
+    assert "x: in anchor's group (nearer to that anchor than to this device); not used here" in got["split"]
+    assert "anchor: an anchor, it leads a group of its own; not used here" in got["split"]
 
 
 def greedy_tokens(backend, n: int, at: int | None = None, then=None) -> list[int]:

@@ -106,7 +106,7 @@ def peers(ctx: typer.Context,
         reasons = [f"predicted {1 / split.predicted_s:.1f} tok/s ({split.compute_s * 1e3:.1f} ms compute + "
                    f"{split.network_s * 1e3:.1f} ms network per token)", *split.reasons, *notes]
     if as_json:
-        out.print(json.dumps({"peers": rows, "split": reasons} if model else rows, indent=1), markup=False)
+        out.print_json(json.dumps({"peers": rows, "split": reasons} if model else rows))
         return
     from rich.table import Table
 

@@ -100,7 +100,8 @@ def group_of(identity, infos: list, payload_bytes: int | None = None) -> tuple[l
     groups = group(distance_matrix(names, links, payload), anchors)
     anchor_of = {names[m]: names[g[0]] for g in groups for m in g if m != 0}
     mine = [i for i in infos if anchor_of[i.name] == me]
-    notes += [f"{i.name} left out: in {anchor_of[i.name]}'s group (nearer to that anchor)"
+    notes += [f"{i.name}: an anchor, it leads a group of its own; not used here" if i.anchor else
+              f"{i.name}: in {anchor_of[i.name]}'s group (nearer to that anchor than to this device); not used here"
               for i in infos if anchor_of[i.name] != me]
     return mine, anchor_of, notes
 
