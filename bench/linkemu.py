@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import socket
 
 CHUNK = 16384
@@ -72,10 +73,16 @@ class Direction:
 
 
 async def serve(listen: tuple[str, int], target: tuple[str, int], rtt_s: float, bytes_per_s: float | None,
-                jitter_s: float, queue_s: float, seed: int) -> None:
+                jitter_s: float, queue_s: float, seed: int, usr1_rtt_s: float | None = None) -> None:
     rng = random.Random(seed)
     up = Direction(rtt_s / 2, bytes_per_s, jitter_s / 2, queue_s, rng)
     down = Direction(rtt_s / 2, bytes_per_s, jitter_s / 2, queue_s, rng)
+    if usr1_rtt_s is not None:  # the link changes while its connections stay open (a device moving away)
+        def change() -> None:
+            up.delay_s = down.delay_s = usr1_rtt_s / 2
+            print(f"linkemu: round trip now {usr1_rtt_s * 1e3:g} ms", flush=True)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, change)
 
     async def handle(r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
         try:
@@ -112,9 +119,10 @@ def main() -> None:
     ap.add_argument("--jitter-ms", type=float, default=0.0, help="the round trip varies by up to this much")
     ap.add_argument("--queue-s", type=float, default=0.25, help="at most this much data waits in the link")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--usr1-rtt-ms", type=float, default=None, help="on SIGUSR1 the round trip becomes this")
     a = ap.parse_args()
     asyncio.run(serve(a.listen, a.target, a.rtt_ms / 1e3, a.mbit * 1e6 / 8 if a.mbit else None, a.jitter_ms / 1e3,
-                      a.queue_s, a.seed))
+                      a.queue_s, a.seed, None if a.usr1_rtt_ms is None else a.usr1_rtt_ms / 1e3))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,51 @@ def test_a_member_that_joins_is_placed_and_the_text_goes_on(tmp_path, default_gg
             gb.close()
         a.stop()
         b.stop()
+
+
+def test_a_link_that_gets_worse_mid_generation_moves_the_layers_off_it(tmp_path, default_gguf_f32, capfd):
+    """b's link goes from ~0 to 60 ms round trips while its connections stay open (the shaper
+    told so by a signal, as a device walking away): its heartbeats show it, one look at the
+    cluster measures the links again, the split leaves b out, and the text goes on unchanged."""
+    import signal
+    import time
+
+    one = LlamaCppBackend(default_gguf_f32, n_ctx=256, n_threads=1, load=LoadOptions(extra_bufts=False))
+    try:
+        expected = greedy_tokens(one, 16)
+    finally:
+        one.close()
+    a, b = AgentProc(tmp_path / "a", "a"), AgentProc(tmp_path / "b", "b")
+    port = free_port()
+    shaper = subprocess.Popen([sys.executable, str(LINKEMU), "--listen", f"127.0.0.1:{port}", "--target", b.address,
+                               "--usr1-rtt-ms", "60"], stdout=subprocess.PIPE, text=True)
+    gb = None
+    try:
+        assert "linkemu listening" in shaper.stdout.readline()
+        for x in (a, b):
+            assert pair(x, tmp_path / "coord").returncode == 0
+            x.line("serving the cluster")
+        me = Identity(tmp_path / "coord")
+        listed = [a.address, f"127.0.0.1:{port}"]
+        infos = measure_peers(me, listed)
+        near = lambda members: [(i.address, 1) for i in members if i.link.rtt_s < 0.02]  # noqa: E731
+        gb = GroupBackend(default_gguf_f32, me, near(infos), n_ctx=256, extra_bufts=False)
+        watch = MembershipWatch(gb, me, listed, infos, near, every_s=3600)  # looked at by hand below
+
+        def b_walks_away():
+            assert watch.check() is False                 # heartbeats agree with the measured links
+            shaper.send_signal(signal.SIGUSR1)
+            assert "round trip now 60" in shaper.stdout.readline()
+            time.sleep(3.5)                                # most of the last 16 heartbeats (0.25 s apart) are slow
+            assert watch.check() is True
+
+        assert greedy_tokens(gb, 16, at=8, then=b_walks_away) == expected
+        assert gb.regroups == 1 and gb.placement == [(a.address, 1)]
+        err = capfd.readouterr().err
+        assert "the cluster changed (the link to b changed (RTT" in err and "placed again on 1 member(s)" in err
+    finally:
+        if gb is not None:
+            gb.close()
+        shaper.kill()
+        a.stop()
+        b.stop()

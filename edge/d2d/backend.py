@@ -205,6 +205,10 @@ class GroupBackend:
                 "peers": [{"peer": t.peer, "layers": n, "sent_bytes": t.sent, "received_bytes": t.received,
                            "turns": t.turns, "lost": t.lost or t.ended} for t, (_, n) in zip(tunnels, self.placement)]}
 
+    def link_rtts(self) -> dict[str, float]:
+        """Each member's round trip as its heartbeats see it now (seconds; edge.d2d.relay)."""
+        return self.relay.heartbeat_rtts() if self.relay else {}
+
     def turns(self) -> dict[str, int]:
         """Request-reply exchanges with each member since the group was (last) placed."""
         return self.relay.turns() if self.relay else {}

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from edge.d2d.agent import nodelay, pipe
 from edge.d2d.identity import Identity
@@ -38,6 +39,7 @@ class Tunnel:
     broken: str | None = None  # why the last connection to the peer failed, if it did
     lost: str | None = None    # why the heartbeat declared the peer gone, once it has
     ended: str | None = None   # why the peer ended an RPC session llama.cpp still held, if it did
+    beats: deque = field(default_factory=lambda: deque(maxlen=16))  # the last heartbeats' round trips, s
 
     def up(self, n: int) -> None:
         self.sent += n
@@ -99,10 +101,12 @@ class Relay:
             i = 0
             while True:
                 i += 1
+                sent = time.perf_counter()
                 w.write(b"%d\n" % i)
                 await w.drain()
                 if await asyncio.wait_for(r.readline(), self.lost_after_s) != b"%d\n" % i:
                     raise ConnectionError("the channel closed")
+                t.beats.append(time.perf_counter() - sent)
                 await asyncio.sleep(self.heartbeat_s)
         except asyncio.CancelledError:
             raise
@@ -115,6 +119,13 @@ class Relay:
     def lost(self) -> list[str]:
         """Why each lost peer is lost."""
         return [t.lost for t in self.tunnels if t.lost]
+
+    def heartbeat_rtts(self, least: int = 8) -> dict[str, float]:
+        """Median round trip of each peer's last heartbeats (seconds), where at least ``least``
+        were heard since the group was placed: the link as it is now."""
+        import statistics
+
+        return {t.peer: statistics.median(t.beats) for t in self.tunnels if len(t.beats) >= least}
 
     def failed(self) -> list[Tunnel]:
         """The tunnels whose peer is lost or ended a session llama.cpp still held."""

@@ -191,13 +191,17 @@ def load_group(path: Path, name: str, peers: list[str] | str, *, n_ctx: int, n_t
                  notes=notes)
 
 
+DRIFT_S = 0.005  # a heartbeat round trip this far (and 50%) from the measured one means the link changed
+
+
 class MembershipWatch:
-    """Members joining or leaving re-form the group while a model runs: every ``every_s`` seconds
-    the cluster's members are found again (mDNS for ``"auto"``, else the listed addresses) and
-    greeted (a hello each, no link measured); when the reachable set changed, their links are
-    measured, the group formed again and ``plan(infos)`` gives the new placement, which the
-    backend takes at its next eval (GroupBackend.regroup). A lost member is the heartbeat's
-    business (GroupBackend's replan); this notices members that come, or come back."""
+    """Members joining or leaving, and links that change, re-form the group while a model runs:
+    every ``every_s`` seconds the cluster's members are found again (mDNS for ``"auto"``, else the
+    listed addresses) and greeted (a hello each, no link measured), and the members in use are
+    checked against their heartbeats' round trips; when the reachable set or a link changed, the
+    links are measured, the group formed again and ``plan(infos)`` gives the new placement, which
+    the backend takes at its next eval (GroupBackend.regroup; nothing happens when the split comes
+    out the same). A lost member is the heartbeat's business (GroupBackend's replan)."""
 
     def __init__(self, backend, identity, peers: list[str] | str, infos: list, plan, *, every_s: float = 10.0):
         import threading
@@ -226,18 +230,31 @@ class MembershipWatch:
                 pass
         return out
 
+    def drifted(self) -> list[str]:
+        """The members in use whose link, as their heartbeats see it now, is no longer the one
+        measured: the round trip off by more than DRIFT_S and half of what it was."""
+        now = self.backend.link_rtts()
+        out = []
+        for i in self.infos:
+            hb = now.get(i.address)
+            if hb is not None and abs(hb - i.link.rtt_s) > max(DRIFT_S, 0.5 * i.link.rtt_s):
+                out.append(f"the link to {i.name} changed (RTT {i.link.rtt_s * 1e3:.1f} -> {hb * 1e3:.1f} ms)")
+        return out
+
     def check(self) -> bool:
-        """One look at the cluster; True when the group was placed again."""
+        """One look at the cluster; True when its members or their links changed (the backend
+        then places the group again if the new split differs)."""
         now, known = self.reachable(), {i.address for i in self.infos}
-        if now == known:
+        drift = self.drifted()
+        if now == known and not drift:
             return False
         infos = measure_peers(self.identity, sorted(now), require=False, unreachable=lambda a, e: None)
         joined = sorted(i.name for i in infos if i.address not in known)
         left = sorted(i.name for i in self.infos if i.address not in now)
         self.infos = infos
-        why = "the cluster changed (" + "; ".join(x for x in (f"joined: {', '.join(joined)}" if joined else "",
-                                                              f"left: {', '.join(left)}" if left else "") if x) + ")"
-        self.backend.regroup(self.plan(infos), why)
+        why = "; ".join(x for x in (f"joined: {', '.join(joined)}" if joined else "",
+                                    f"left: {', '.join(left)}" if left else "", *drift) if x)
+        self.backend.regroup(self.plan(infos), f"the cluster changed ({why})")
         return True
 
     def _run(self) -> None:
