@@ -70,15 +70,20 @@ def greedy_tokens(backend, n: int, at: int | None = None, then=None) -> list[int
     return out
 
 
-def test_a_member_that_joins_is_placed_and_the_text_goes_on(tmp_path, default_gguf_f32, capfd):
+@pytest.fixture(scope="module")
+def expected(default_gguf_f32) -> list[int]:
+    """The greedy tokens of the default model on this device alone."""
+    one = LlamaCppBackend(default_gguf_f32, n_ctx=256, n_threads=1, load=LoadOptions(extra_bufts=False))
+    try:
+        return greedy_tokens(one, 16)
+    finally:
+        one.close()
+
+
+def test_a_member_that_joins_is_placed_and_the_text_goes_on(tmp_path, default_gguf_f32, expected, capfd):
     """b is paired but away when the group forms; when it comes back, one look at the cluster
     places the group again over a and b, the context so far is fed again, and the text is the
     one device's."""
-    one = LlamaCppBackend(default_gguf_f32, n_ctx=256, n_threads=1, load=LoadOptions(extra_bufts=False))
-    try:
-        expected = greedy_tokens(one, 16)
-    finally:
-        one.close()
     a, b = AgentProc(tmp_path / "a", "a"), AgentProc(tmp_path / "b", "b")
     gb = None
     try:
@@ -112,18 +117,13 @@ def test_a_member_that_joins_is_placed_and_the_text_goes_on(tmp_path, default_gg
         b.stop()
 
 
-def test_a_link_that_gets_worse_mid_generation_moves_the_layers_off_it(tmp_path, default_gguf_f32, capfd):
+def test_a_link_that_gets_worse_mid_generation_moves_the_layers_off_it(tmp_path, default_gguf_f32, expected, capfd):
     """b's link goes from ~0 to 60 ms round trips while its connections stay open (the shaper
     told so by a signal, as a device walking away): its heartbeats show it, one look at the
     cluster measures the links again, the split leaves b out, and the text goes on unchanged."""
     import signal
     import time
 
-    one = LlamaCppBackend(default_gguf_f32, n_ctx=256, n_threads=1, load=LoadOptions(extra_bufts=False))
-    try:
-        expected = greedy_tokens(one, 16)
-    finally:
-        one.close()
     a, b = AgentProc(tmp_path / "a", "a"), AgentProc(tmp_path / "b", "b")
     port = free_port()
     shaper = subprocess.Popen([sys.executable, str(LINKEMU), "--listen", f"127.0.0.1:{port}", "--target", b.address,
