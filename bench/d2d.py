@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--delays", default="0,2,5,10,20,40,80", help="the far link's round-trip times to sweep, ms")
     ap.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"at {FAULT_DELAY_MS:g} ms, kill the far peer's RPC server and cut its link at token {FAULT_AT}")
+                    help=f"at {FAULT_DELAY_MS:g} ms, kill the far peer's RPC server and cut its link "
+                         f"at token {FAULT_AT}")
     ap.add_argument("--report", action="store_true", help="print the tables of the last run (its d2d-results.json) and stop")
     args = ap.parse_args()
     if args.report:

@@ -46,8 +46,8 @@ def far_pair(tmp_path):
 
 def test_a_member_nearer_another_anchor_joins_its_group_and_gets_no_layer(far_pair, default_gguf_f32):
     coord, (to_anchor, to_x) = far_pair
-    r = subprocess.run(EDGE + ["peers", "--peer", to_anchor.address, "--peer", to_x.address, "-m", str(default_gguf_f32),
-                               "--ctx", "256", "--json", "--identity", str(coord)],
+    r = subprocess.run(EDGE + ["peers", "--peer", to_anchor.address, "--peer", to_x.address,
+                               "-m", str(default_gguf_f32), "--ctx", "256", "--json", "--identity", str(coord)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)

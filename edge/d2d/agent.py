@@ -293,9 +293,10 @@ class Agent:
             from edge.d2d.client import measure_link
 
             try:
+                rounds, nbytes = int(req.get("rounds", 10)), int(req.get("bytes", 1 << 20))
                 link = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: measure_link(self.identity, str(req["host"]), int(req["port"]),
-                                               rounds=int(req.get("rounds", 10)), nbytes=int(req.get("bytes", 1 << 20))))
+                                               rounds=rounds, nbytes=nbytes))
             except EdgeError as e:  # that member is not reachable from here
                 await write_msg(writer, {"error": str(e)})
                 return
