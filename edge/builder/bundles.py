@@ -13,7 +13,7 @@ from edge.formats.gguf_write import OUTTYPES
 from edge.formats.safetensors_io import read_header
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, read_spec, resolve
 
-FORMATS = ("gguf", "edge", "offload")
+FORMATS = ("gguf", "edge", "offload", "onnx")
 
 
 def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", weight_type: str | None = None,
@@ -31,7 +31,7 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
     resizes while it runs (needs torch, and the whole checkpoint in memory as float32).
     """
     if format not in FORMATS:
-        raise EdgeError(f"unknown bundle format {format!r}; choose gguf, edge or offload")
+        raise EdgeError(f"unknown bundle format {format!r}; choose gguf, edge, offload or onnx")
     if bitstack and format != "offload":
         raise EdgeError("--bitstack needs --format offload (the offload engine runs BitStack stacks)")
     if bitstack and importlib.util.find_spec("torch") is None:
@@ -47,6 +47,15 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
             raise EdgeError(f"unknown GGUF weight type {wtype!r}; choose one of {', '.join(OUTTYPES)}")
         if src.kind == "gguf" and wtype != "keep":
             raise EdgeError("a GGUF source is bundled as it is; omit --type (re-quantizing a GGUF loses accuracy)")
+    elif format == "onnx":
+        from edge.builder.onnx_graph import TYPES, check_shape
+
+        wtype = weight_type or "int4"
+        if wtype not in TYPES:
+            raise EdgeError(f"ONNX bundles hold int4, int8 or f32 weights, not {wtype!r}")
+        why = check_shape(read_spec(src), wtype)
+        if why:
+            raise EdgeError(f"{src.name} cannot be exported at {wtype}: {why} (--type f32 has no blocks)")
     elif format == "offload":
         wtype = "nested"
         if weight_type not in (None, "nested"):
@@ -79,6 +88,8 @@ def build(model: str | Path | None, out: str | Path, *, format: str = "gguf", we
                                     src.name, str(src.path.resolve()), bitstack=bitstack)
         if format == "offload":
             return _populate_streaming(src, tmp, say, max_bits, calibration)
+        if format == "onnx":
+            return _populate_onnx(src, tmp, wtype, say)
         return _populate_edge(src, tmp, wtype, say)
 
     return write_bundle(Path(out), force=force, populate=populate, progress=say)
@@ -108,6 +119,55 @@ def _populate_streaming(src: Source, tmp: Path, say: Progress, max_bits: int, ca
                         bos=bos, tokenizer_json=tok, calibration=calibration)
     finally:
         source.close()
+
+
+def _populate_onnx(src: Source, tmp: Path, wtype: str, say: Progress) -> dict:
+    """model.onnx + model.onnx.data written from the source one tensor (one expert) at a time, and
+    the tokenizer: a checkpoint's tokenizer files, or a GGUF's vocabulary as a tensor-less GGUF."""
+    from edge.builder.onnx_graph import write_onnx
+    from edge.builder.sources import open_source
+
+    if importlib.util.find_spec("onnx_ir") is None:
+        raise EdgeError("building an ONNX bundle needs onnx-ir: pip install -e '.[onnx]'")
+    source = open_source(src.path, src.kind)
+    try:
+        if src.kind == "gguf":
+            say(f"{src.path.name} is stored in {source.spec.weight_dtype}: its weights are dequantized and quantized "
+                f"again to {wtype} (ONNX Runtime computes no ggml types)")
+        facts = write_onnx(source, tmp, wtype, progress=say)
+        roles = {"model.onnx": "weights", "model.onnx.data": "weights"}
+        if src.kind == "gguf":
+            from edge.formats.gguf_stream import GGUF_ARCH, copy_metadata, write_streaming
+
+            write_streaming(tmp / "tokenizer.gguf", GGUF_ARCH[source.spec.arch],
+                            lambda w: copy_metadata(w, source.reader), [])
+            tok = TokenizerInfo(kind="gguf", file="tokenizer.gguf", eos_ids=(), bos_id=None)
+            roles["tokenizer.gguf"] = "tokenizer"
+        else:
+            roles |= copy_tokenizer(hf_tokenizer_file(src.path), tmp)
+            bos, eos = hf_special_ids(src.path)
+            tok = TokenizerInfo(kind="hf", file="tokenizer.json", eos_ids=eos, bos_id=bos)
+    finally:
+        source.close()
+    size = (tmp / "model.onnx.data").stat().st_size
+    spec = replace(source.spec, dense_bytes=0, expert_bytes=0, weight_dtype=wtype.upper(), source_format="onnx")
+    expert = _onnx_expert_bytes(spec, wtype)
+    spec = replace(spec, expert_bytes=expert, dense_bytes=size - expert)
+    return {"name": src.name, "format": "onnx", "weight_type": wtype, "source": str(src.path.resolve()),
+            "spec": spec, "tokenizer": tok, "roles": roles, "onnx": facts}
+
+
+def _onnx_expert_bytes(spec, wtype: str) -> int:
+    """Bytes of the routed experts in an ONNX bundle: codes plus per-block (or per-row) scales and zero points."""
+    from edge.builder.onnx_graph import BLOCK
+
+    L, E, F, D = spec.n_layers, spec.n_experts, spec.expert_ffn_size, spec.hidden_size
+    weights = 3 * F * D
+    if wtype == "f32":
+        return L * E * weights * 4
+    if wtype == "int8":
+        return L * E * (weights + 5 * (2 * F + D))
+    return L * E * (weights // 2 + 3 * F * D // BLOCK * 4 + (2 * F * ((D // BLOCK + 1) // 2) + D * ((F // BLOCK + 1) // 2)))
 
 
 def _fits_in_memory(src: Source, say: Progress) -> None:

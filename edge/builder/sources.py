@@ -139,6 +139,36 @@ class HFSource:
         shapes = ((F, D), (F, D), (D, F))
         return lambda e: [self._get(f"{m}.experts.{e}.{n}.weight", sh) for n, sh in zip(names, shapes)]
 
+    def dense(self, name: str, layer: int | None = None) -> np.ndarray | None:
+        """One trunk tensor as float32 in the canonical layout (edge/formats/weights.py names:
+        embed, norm, lm_head, or a LayerWeights field of ``layer``); None where the model has none."""
+        s = self.spec
+        D, V, Dh, S = s.hidden_size, s.vocab_size, s.head_dim, s.shared_expert_ffn_size
+        q, kv = s.n_heads * Dh, s.n_kv_heads * Dh
+        if layer is None:
+            if name == "lm_head" and not s.tied_embeddings and "lm_head.weight" in self.infos:
+                return self._get("lm_head.weight", (V, D))
+            hname = {"embed": "model.embed_tokens.weight", "lm_head": "model.embed_tokens.weight",
+                     "norm": "model.norm.weight"}[name]
+            return self._get(hname, (V, D) if name != "norm" else (D,))
+        a, m, p = f"model.layers.{layer}.self_attn", self._moe_prefix(layer), f"model.layers.{layer}"
+        table = {"attn_norm": (f"{p}.input_layernorm.weight", (D,)), "wq": (f"{a}.q_proj.weight", (q, D)),
+                 "wk": (f"{a}.k_proj.weight", (kv, D)), "wv": (f"{a}.v_proj.weight", (kv, D)),
+                 "wo": (f"{a}.o_proj.weight", (D, q)), "bq": (f"{a}.q_proj.bias", (q,)),
+                 "bk": (f"{a}.k_proj.bias", (kv,)), "bv": (f"{a}.v_proj.bias", (kv,)),
+                 "q_norm": (f"{a}.q_norm.weight", (Dh,)), "k_norm": (f"{a}.k_norm.weight", (Dh,)),
+                 "ffn_norm": (f"{p}.post_attention_layernorm.weight", (D,)), "router": (f"{m}.gate.weight", (s.n_experts, D)),
+                 "shared_gate": (f"{m}.shared_expert.gate_proj.weight", (S, D)),
+                 "shared_up": (f"{m}.shared_expert.up_proj.weight", (S, D)),
+                 "shared_down": (f"{m}.shared_expert.down_proj.weight", (D, S)),
+                 "shared_router": (f"{m}.shared_expert_gate.weight", (1, D))}
+        hname, shape = table[name]
+        return self._get(hname, shape) if hname in self.infos else None
+
+    def expert(self, layer: int, e: int) -> list[np.ndarray]:
+        """[gate F x D, up F x D, down D x F] float32 of one routed expert."""
+        return self._expert_loader(layer)(e)
+
     def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """(layer, expert, [gate F x D, up F x D, down D x F]) float32, in store order."""
         for i in range(self.spec.n_layers):
@@ -208,16 +238,45 @@ class GGUFSource:
         os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_DONTNEED)
         return out
 
-    def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    _GGUF_NAMES = {"embed": "token_embd", "norm": "output_norm", "lm_head": "output", "attn_norm": "attn_norm",
+                   "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "bq": "attn_q.bias",
+                   "bk": "attn_k.bias", "bv": "attn_v.bias", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+                   "ffn_norm": "ffn_norm", "router": "ffn_gate_inp", "shared_gate": "ffn_gate_shexp",
+                   "shared_up": "ffn_up_shexp", "shared_down": "ffn_down_shexp", "shared_router": "ffn_gate_inp_shexp"}
+
+    def dense(self, name: str, layer: int | None = None) -> np.ndarray | None:
+        """One trunk tensor dequantized to float32 in the canonical layout (HFSource.dense's names)."""
         from gguf.quants import dequantize
 
-        for i, trio in enumerate(self.layers):
+        from edge.formats.gguf_write import unpermute_qk
+
+        base = self._GGUF_NAMES[name]
+        full = base if "." in base else base + ".weight"
+        t = self.tensors.get(full if layer is None else f"blk.{layer}.{full}")
+        if t is None and name == "lm_head":
+            t = self.tensors["token_embd.weight"]  # tied
+        if t is None:
+            return None
+        a = np.asarray(dequantize(self._read(t.data_offset, t.n_bytes), t.tensor_type), np.float32)
+        a = a.reshape(tuple(int(x) for x in reversed(t.shape)))
+        if self.spec.arch == "mixtral" and name in ("wq", "wk"):  # llama.cpp's "llama" arch interleaves RoPE pairs
+            a = unpermute_qk(a, self.spec.n_heads if name == "wq" else self.spec.n_kv_heads)
+        return a.reshape(1, -1) if name == "shared_router" else a
+
+    def expert(self, layer: int, e: int) -> list[np.ndarray]:
+        """[gate F x D, up F x D, down D x F] float32 of one routed expert."""
+        from gguf.quants import dequantize
+
+        mats = []
+        for t in self.layers[layer]:
+            raw = self._read(t.offset + e * t.expert_bytes, t.expert_bytes)
+            mats.append(np.asarray(dequantize(raw, t.gtype), np.float32).reshape(t.rows, t.cols))
+        return mats
+
+    def experts(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        for i in range(self.spec.n_layers):
             for e in range(self.spec.n_experts):
-                mats = []
-                for t in trio:
-                    raw = self._read(t.offset + e * t.expert_bytes, t.expert_bytes)
-                    mats.append(np.asarray(dequantize(raw, t.gtype), np.float32).reshape(t.rows, t.cols))
-                yield i, e, mats
+                yield i, e, self.expert(i, e)
 
 
 def open_source(path: Path, kind: str):

@@ -14,19 +14,22 @@ from edge.errors import EdgeError
 PeersOpt = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,host:port (edge peer serve on each).")
 
 
-def _load(model, backend, n_ctx, threads, verify, budget=None, options=None, peers=None):
+EpOpt = typer.Option(None, "--ep", help="ONNX Runtime's execution provider: cpu, xnnpack, qnn, coreml or openvino (implies --backend ort).")
+
+
+def _load(model, backend, n_ctx, threads, verify, budget=None, options=None, peers=None, ep=None):
     from edge.cli.output import say_notes
     from edge.sdk import load
 
     m = load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, verify=verify, memory_budget=budget,
-             offload=options, peers=peers)
+             offload=options, peers=peers, ep=ep)
     say_notes(m.notes)
     return m
 
 
 def run(prompt: str = typer.Argument(..., help="Text to complete."),
         model: Optional[str] = ModelOpt,
-        backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp or offload (a GGUF or offload bundle streamed from disk)."),
+        backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp, offload (a GGUF or offload bundle streamed from disk) or ort (ONNX Runtime)."),
         max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Tokens to generate at most."),
         temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 decodes greedily."),
         top_p: float = typer.Option(0.95, "--top-p"),
@@ -46,7 +49,8 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
         elastic: bool = typer.Option(False, "--elastic", help="Offload: follow the memory free right now (resize between --floor and the budget)."),
         floor: Optional[str] = typer.Option(None, "--floor", help="--elastic: never shrink below this budget."),
         metrics: bool = typer.Option(False, "--metrics", help="Print the engine's telemetry as JSON on stderr at the end."),
-        peers: Optional[str] = PeersOpt) -> None:
+        peers: Optional[str] = PeersOpt,
+        ep: Optional[str] = EpOpt) -> None:
     """Complete one prompt and print prompt + completion. A bundle made by edge deploy runs as its
     plan.json says (one line on stderr says so); each option given overrides that one setting."""
     from edge.sdk import OffloadOptions
@@ -54,7 +58,7 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
     options = OffloadOptions(policy=policy, bits=bits, min_bits=min_bits, pin_bits=pin_bits, prefetch=prefetch)
     if elastic and memory_budget is None:
         raise EdgeError("--elastic needs --memory-budget: the budget it starts from and never exceeds")
-    with _load(model, backend, n_ctx, threads, verify, memory_budget, options, peers) as m:
+    with _load(model, backend, n_ctx, threads, verify, memory_budget, options, peers, ep) as m:
         if elastic:
             m.elastic(floor=floor)
         kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -71,7 +75,7 @@ def run(prompt: str = typer.Argument(..., help="Text to complete."),
 
 
 def chat(model: Optional[str] = ModelOpt,
-         backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp or offload (a GGUF or offload bundle streamed from disk)."),
+         backend: str = typer.Option("auto", "--backend", help="auto, reference, llamacpp, offload (a GGUF or offload bundle streamed from disk) or ort (ONNX Runtime)."),
          max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens per reply at most."),
          temperature: float = typer.Option(0.7, "--temperature", "-t"),
          seed: Optional[int] = typer.Option(None, "--seed"),
@@ -80,14 +84,15 @@ def chat(model: Optional[str] = ModelOpt,
          n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (default: the plan's, else 2048)."),
          threads: Optional[int] = typer.Option(None, "--threads"),
          memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the whole process stays under this."),
-         peers: Optional[str] = PeersOpt) -> None:
+         peers: Optional[str] = PeersOpt,
+         ep: Optional[str] = EpOpt) -> None:
     """A conversation with the model, laid out by its own chat template; the model's tokens of the
     conversation stay cached between turns. /reset starts again, /exit or Ctrl-D quits. A model with
     no chat template continues one running text instead (said once)."""
     from edge.sdk import load
 
     with load(model, backend=backend, n_ctx=n_ctx, n_threads=threads, memory_budget=memory_budget,
-              chat_template=chat_template, peers=peers) as m:
+              chat_template=chat_template, peers=peers, ep=ep) as m:
         from edge.cli.output import say_notes
 
         say_notes(m.notes)

@@ -55,8 +55,8 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     schema_version: int
     name: str
-    format: Literal["gguf", "edge", "offload"]
-    weight_type: str  # gguf: f32/f16/q8_0/...; edge: f32/f16
+    format: Literal["gguf", "edge", "offload", "onnx"]
+    weight_type: str  # gguf: f32/f16/q8_0/...; edge: f32/f16; onnx: int4/int8/f32
     spec: ModelSpec
     tokenizer: TokenizerInfo
     files: tuple[FileEntry, ...]
@@ -66,6 +66,7 @@ class Manifest(BaseModel):
     experts: dict | None = None  # offload bundles: the expert store's index (edge/quant/store.py)
     locality: dict | None = None  # offload bundles: SCH curves and hotness from a calibration trace
     bitstack: dict | None = None  # offload bundles with stacked attention: the stack's index (edge/quant/stack.py)
+    onnx: dict | None = None  # onnx bundles: the graph's facts (edge/builder/onnx_graph.py write_onnx)
 
     def weights_file(self) -> FileEntry:
         return next(f for f in self.files if f.role == "weights")

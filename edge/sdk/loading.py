@@ -16,20 +16,22 @@ from edge.sdk.model import Model, parse_budget
 from edge.sources import Source, hf_special_ids, hf_tokenizer_file, resolve
 from edge.spec import ModelSpec
 
-BACKENDS = ("auto", "reference", "llamacpp", "offload")
+BACKENDS = ("auto", "reference", "llamacpp", "offload", "ort")
 
 
 def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx: int | None = None,
          n_threads: int | None = None, verify: bool = False, memory_budget: int | str | None = None,
          offload: OffloadOptions | None = None, chat_template: str | os.PathLike | None = None,
-         peers: list[str] | str | None = None) -> Model:
+         peers: list[str] | str | None = None, ep: str | None = None) -> Model:
     """Load a model for generation.
 
     ``model`` is an edge bundle folder, a Hugging Face MoE checkpoint folder, a ``.gguf`` file, or
     None for the embedded default model. ``backend="auto"``: a GGUF that fits (the budget, or the
     memory free now) runs whole on llama.cpp and one that does not runs on the offload engine
     straight from the file; offload bundles run on the offload engine, everything else on the
-    reference engine. ``verify=True`` re-hashes every bundle file. ``memory_budget`` (bytes or
+    reference engine; ONNX bundles run on ONNX Runtime. ``backend="ort"`` runs a checkpoint or a GGUF
+    on ONNX Runtime too, exported once to an int4 ONNX bundle kept in edge's cache; ``ep`` names its
+    execution provider (cpu, xnnpack, qnn, coreml, openvino; default cpu). ``verify=True`` re-hashes every bundle file. ``memory_budget`` (bytes or
     "300MB") bounds the whole process's memory on the offload engine; ``offload`` tunes that
     engine (OffloadOptions).
 
@@ -58,7 +60,11 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     budget = parse_budget(memory_budget)
     template = _given_template(chat_template) if chat_template is not None else None  # checked before loading
     src = resolve(model)
-    if peers is not None:
+    if ep is not None and backend not in ("auto", "ort"):
+        raise EdgeError(f"--ep chooses ONNX Runtime's execution provider; --backend {backend} does not run on it")
+    if backend == "ort" or ep is not None:
+        m = _load_ort(src, n_ctx, n_threads, verify, ep or "cpu", budget)
+    elif peers is not None:
         m = _load_across(src, backend, n_ctx, n_threads, budget, peers)
     else:
         m = _load(src, backend, n_ctx, n_threads, verify, budget, offload)
@@ -66,6 +72,44 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
         template.special_tokens = dict(m.tokenizer.special_tokens)
         m.chat_template = template
     return m
+
+
+def _load_ort(src: Source, n_ctx: int | None, n_threads: int | None, verify: bool, ep: str,
+              budget: int | None) -> Model:
+    """An ONNX bundle on ONNX Runtime; a checkpoint or GGUF is exported once to a cached int4 bundle."""
+    from edge.formats.bundle import read_manifest
+
+    if budget is not None:
+        raise EdgeError("--memory-budget runs offload bundles; ONNX Runtime holds the whole model")
+    notes: tuple[str, ...] = ()
+    if src.kind != "bundle":
+        path, made = _cached_onnx(src)
+        notes = (f"{src.name} exported to an int4 ONNX bundle for ONNX Runtime "
+                 f"{'now' if made else 'earlier'}, kept at {path}",)
+        src = Source(kind="bundle", path=path, label=src.name)
+    manifest = read_manifest(src.path)
+    if manifest.format != "onnx":
+        raise EdgeError(f"{src.path} is a {manifest.format} bundle; ONNX Runtime runs onnx bundles "
+                        f"(edge build MODEL --format onnx -o DIR)")
+    return _load_bundle(src, "ort", n_ctx, n_threads, verify, None, None, ep=ep, notes=notes)
+
+
+def _cached_onnx(src: Source) -> tuple[Path, bool]:
+    """An int4 ONNX bundle of a checkpoint or GGUF, built once into edge's cache (keyed by the
+    source's files, sizes and times); (its path, whether it was built now)."""
+    from edge.builder.bundles import build
+
+    h = hashlib.sha256()
+    files = sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]
+    for p in files:
+        if p.suffix in (".json", ".safetensors", ".gguf"):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    target = cache_dir("onnx") / f"{src.name}-{h.hexdigest()[:16]}-int4"
+    if (target / "manifest.json").is_file():
+        return target, False
+    build(src.path, target, format="onnx", weight_type="int4", force=True)
+    return target, True
 
 
 def _given_template(chat_template: str | os.PathLike) -> ChatTemplate:
@@ -213,7 +257,8 @@ def _load_gguf(path: Path, name: str, backend: str, n_ctx: int, n_threads: int |
 
 
 def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | None, verify: bool,
-                 budget: int | None, offload: OffloadOptions | None, peers: list[str] | str | None = None) -> Model:
+                 budget: int | None, offload: OffloadOptions | None, peers: list[str] | str | None = None,
+                 ep: str = "cpu", notes: tuple[str, ...] = ()) -> Model:
     from edge.formats.bundle import read_manifest, verify_bundle
 
     manifest = read_manifest(src.path)
@@ -233,6 +278,19 @@ def _load_bundle(src: Source, backend: str, n_ctx: int | None, n_threads: int | 
                       f"{','.join(plan.peers)}",)
         return load_group(weights_path, manifest.name, peers if peers is not None else list(plan.peers),
                           n_ctx=run.n_ctx, n_threads=run.threads, budget=run.budget, notes=notes)
+    if manifest.format == "onnx":
+        if backend not in ("auto", "ort"):
+            raise EdgeError(f"{src.path} is an onnx bundle; it runs on ONNX Runtime only (--backend ort)")
+        if run.budget is not None:
+            raise EdgeError("--memory-budget runs offload bundles; ONNX Runtime holds the whole model")
+        from edge.hardware import default_threads
+        from edge.runtime.ort import OrtBackend
+
+        facts = manifest.onnx or {}
+        engine = OrtBackend(weights_path, manifest.spec, n_ctx=run.n_ctx, max_context=facts.get("max_context", 2048),
+                            n_threads=run.threads or default_threads(), ep=ep)
+        return Model(name=manifest.name, spec=manifest.spec, backend=engine,
+                     tokenizer=_bundle_tokenizer(src.path, manifest), source=src.path, notes=notes + run.notes)
     if manifest.format == "offload":
         if backend not in ("auto", "offload"):
             raise EdgeError(f"{src.path} is an offload bundle; it runs on the offload engine only")

@@ -1,0 +1,160 @@
+"""The ONNX Runtime backend: an ONNX bundle's graph (edge/builder/onnx_graph.py) run by ONNX Runtime
+on the execution provider the device has, its KV cache kept as ONNX Runtime values between steps.
+
+Execution providers by the name edge gives them; one that this onnxruntime does not carry is an
+error naming the package that does. Only the CPU provider is measured on edge's machines; the others
+are ONNX Runtime's own and listed by device profile (hw-profiles/), not claimed as measured.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import EdgeError, UnsupportedModelError
+
+# edge's name -> (ONNX Runtime's provider, where it comes from)
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "xnnpack": ("XnnpackExecutionProvider", "an onnxruntime built with --use_xnnpack (the onnxruntime-android "
+                                            "and onnxruntime-objc packages carry it)"),
+    "qnn": ("QNNExecutionProvider", "onnxruntime-qnn (pip install onnxruntime-qnn, on Windows on Snapdragon)"),
+    "coreml": ("CoreMLExecutionProvider", "onnxruntime on macOS (pip install onnxruntime: the macOS wheel "
+                                          "carries CoreML)"),
+    "openvino": ("OpenVINOExecutionProvider", "onnxruntime-openvino (pip install onnxruntime-openvino)"),
+}
+MIN_ORT = (1, 27, 1)  # QMoE's CPU kernel: block-wise experts since 1.23.1, a decode hang fixed in 1.27.1
+
+
+def available() -> list[str]:
+    """edge's names of the execution providers this onnxruntime carries."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [name for name, (provider, _) in PROVIDERS.items() if provider in have]
+
+
+def provider_for(ep: str) -> str:
+    """ONNX Runtime's provider for ``ep``, or an error naming what to install."""
+    if ep not in PROVIDERS:
+        raise EdgeError(f"unknown execution provider {ep!r}; choose one of {', '.join(PROVIDERS)}")
+    provider, package = PROVIDERS[ep]
+    if ep not in available():
+        import onnxruntime as ort
+
+        raise EdgeError(f"execution provider {ep} ({provider}) is not in this onnxruntime {ort.__version__} "
+                        f"(it has {', '.join(available())}); it comes with {package}")
+    return provider
+
+
+def check_version() -> None:
+    import onnxruntime as ort
+
+    have = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:3])
+    if have < MIN_ORT:
+        raise EdgeError(f"onnxruntime {ort.__version__} is too old for edge's ONNX bundles (QMoE on CPU needs "
+                        f">= {'.'.join(map(str, MIN_ORT))}): pip install -U onnxruntime")
+
+
+def _session_error(path: Path, e: Exception) -> EdgeError:
+    """ONNX Runtime's (long, multi-line) load failure as one line naming the cause."""
+    import onnxruntime as ort
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    op = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", text)
+    if op:
+        return UnsupportedModelError(f"{path.name}: operator {op.group(1)} (version {op.group(2)}) is not implemented "
+                                     f"by onnxruntime {ort.__version__} on this execution provider")
+    op = re.search(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op", text)
+    if op:
+        return UnsupportedModelError(f"{path.name}: operator {op.group(1) or 'ai.onnx'}:{op.group(2)} is unknown to "
+                                     f"onnxruntime {ort.__version__} (a newer onnxruntime may have it)")
+    data = re.search(r"External data|external data|GetExtDataFromTensorProto|out of bounds|exceeds", text)
+    if data:
+        return EdgeError(f"{path.name}: its external weights do not match the graph ({text[:200]}): the bundle is "
+                         f"corrupted or truncated; rebuild it")
+    return EdgeError(f"{path.name}: ONNX Runtime cannot load it ({text[:200]}): the file is corrupted or not an "
+                     f"edge ONNX graph; rebuild it")
+
+
+class OrtBackend:
+    """Backend protocol over an ONNX bundle's graph. ``spec``: the bundle's ModelSpec."""
+
+    name = "ort"
+
+    def __init__(self, model_path: Path, spec, *, n_ctx: int, max_context: int, n_threads: int, ep: str = "cpu"):
+        import onnxruntime as ort
+
+        check_version()
+        provider = provider_for(ep)
+        self.path, self.spec, self.ep = Path(model_path), spec, ep
+        self.n_ctx = min(n_ctx, max_context)
+        self.n_vocab = spec.vocab_size
+        self.n_past = 0
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n_threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors are raised, not logged
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types, one per status code
+            raise _session_error(self.path, e) from None
+        self.providers = tuple(self.session.get_providers())
+        self._kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
+                           f"present.{i}.value") for i in range(spec.n_layers)]
+        self._empty = np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
+        self._kv: list | None = None  # OrtValues of the presents after the last step
+        self._ort = ort
+
+    def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the context; return logits [V] after the last (or [T, V])."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("eval needs a non-empty 1-D token list")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        T, total = len(ids), self.n_past + len(ids)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids[None])
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_cpu_input("logit_rows", np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64))
+        io.bind_output("logits", "cpu")  # outputs come back in the order they were bound
+        for i, (pk, pv, nk, nv) in enumerate(self._kv_names):
+            if self._kv is None:
+                io.bind_cpu_input(pk, self._empty)
+                io.bind_cpu_input(pv, self._empty)
+            else:
+                io.bind_ortvalue_input(pk, self._kv[2 * i])
+                io.bind_ortvalue_input(pv, self._kv[2 * i + 1])
+            io.bind_output(nk, "cpu")
+            io.bind_output(nv, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        self._kv = list(outs[1:])
+        self.n_past = total
+        logits = outs[0].numpy()[0]
+        return logits if all_logits else logits[-1]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions: the cache is cut to them (one copy)."""
+        n = max(0, min(n, self.n_past))
+        if n == self.n_past:
+            return
+        if n == 0 or self._kv is None:
+            self._kv = None
+        else:
+            self._kv = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n]))
+                        for v in self._kv]
+        self.n_past = n
+
+    def close(self) -> None:
+        self._kv = None
+        self.session = None
