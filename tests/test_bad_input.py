@@ -238,3 +238,11 @@ def test_fuzz_the_manifest_reader(manifest_text, tmp_path_factory, data):
         read_manifest(bundle)
     except EdgeError as e:
         assert str(e) and "\n" not in str(e)
+
+
+def test_usage_errors_are_clean():
+    """An unknown command or a missing argument: click's usage message, exit 2, no traceback (typer
+    >= 0.26 raises its vendored copy of click's exceptions, which the entry point once let through)."""
+    for args, words in ((("nosuch",), "No such command 'nosuch'"), (("run",), "Missing argument 'prompt'")):
+        p = cli(*args)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr

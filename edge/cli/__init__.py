@@ -44,13 +44,27 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
+        _click_error(e)
 
-        if isinstance(e, click.exceptions.Exit):
+
+def _click_error(e: Exception) -> None:
+    """Exit as click would for its own exceptions (from click, or the copy typer >= 0.26 vendors as
+    typer._click); re-raise anything else."""
+    import click
+
+    kinds = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+
+        kinds.append(vendored)
+    except ImportError:
+        pass
+    for k in kinds:  # the vendored copy has no Exit or Abort of its own
+        if isinstance(e, getattr(k, "Exit", ())):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, k.ClickException):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, getattr(k, "Abort", ())):
             sys.exit(130)
-        raise
+    raise e
