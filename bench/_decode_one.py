@@ -2,6 +2,7 @@
 
     python bench/_decode_one.py SYSTEM PATH TOKENS THREADS [OFFLOAD-OPTIONS-JSON]
 
+OPTIONS may also set prompt_repeat (the prompt that many times over, to time prefill).
 SYSTEM: llamacpp (llama.cpp on a GGUF through llama-cpp-python's own model, context and batch
 handles: llama.cpp computes everything; OPTIONS may set its load_mode, lazy_mode and extra_bufts,
 default mmap, off, and on except where ggml would use its AMX kernels, which crash on this kind of
@@ -27,12 +28,13 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.Argu
 def main() -> None:
     system, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     opts = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    text = PROMPT * opts.pop("prompt_repeat", 1)  # a longer prompt times prefill
     t0 = time.perf_counter()
     if system == "llamacpp":
         from edge.runtime.llamacpp import LlamaCppBackend, LoadOptions
 
         be = LlamaCppBackend(path, n_ctx=512, n_threads=threads, load=LoadOptions(**opts))
-        prompt = be.model.tokenize(PROMPT.encode(), add_bos=False, special=False)
+        prompt = be.model.tokenize(text.encode(), add_bos=False, special=False)
         step = be.eval
         metrics = None
     else:
@@ -43,7 +45,7 @@ def main() -> None:
         backend = opts.pop("backend", "auto")
         m = edge.load(path, n_ctx=512, n_threads=threads, memory_budget=budget, backend=backend,
                       offload=OffloadOptions(**opts))
-        prompt = m.tokenize(PROMPT)
+        prompt = m.tokenize(text)
         step = m.backend.eval
     t1 = time.perf_counter()
     logits = step(prompt)

@@ -9,6 +9,7 @@ are ONNX Runtime's own and listed by device profile (hw-profiles/), not claimed 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,9 +108,16 @@ class OrtBackend:
         self.providers = tuple(self.session.get_providers())
         self._kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
                            f"present.{i}.value") for i in range(spec.n_layers)]
-        self._empty = np.zeros((1, spec.n_kv_heads, 0, spec.head_dim), np.float32)
-        self._kv: list | None = None  # OrtValues of the presents after the last step
+        # K and V live in one buffer per layer for the whole context, bound as both the past and the
+        # present: GroupQueryAttention then writes the new rows in place (its shared-buffer mode)
+        # instead of copying the whole cache into a new present every step
+        shape = [1, spec.n_kv_heads, self.n_ctx, spec.head_dim]
+        self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu")
+                    for _ in range(2 * spec.n_layers)]
         self._ort = ort
+        self.threads = n_threads
+        self.tokens_evaluated = 0
+        self.eval_seconds = 0.0
 
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append tokens to the context; return logits [V] after the last (or [T, V])."""
@@ -121,6 +129,7 @@ class OrtBackend:
         if ids.min() < 0 or ids.max() >= self.n_vocab:
             raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
         T, total = len(ids), self.n_past + len(ids)
+        t0 = time.perf_counter()
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids[None])
         io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
@@ -128,33 +137,31 @@ class OrtBackend:
         io.bind_cpu_input("logit_rows", np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64))
         io.bind_output("logits", "cpu")  # outputs come back in the order they were bound
         for i, (pk, pv, nk, nv) in enumerate(self._kv_names):
-            if self._kv is None:
-                io.bind_cpu_input(pk, self._empty)
-                io.bind_cpu_input(pv, self._empty)
-            else:
-                io.bind_ortvalue_input(pk, self._kv[2 * i])
-                io.bind_ortvalue_input(pv, self._kv[2 * i + 1])
-            io.bind_output(nk, "cpu")
-            io.bind_output(nv, "cpu")
+            io.bind_ortvalue_input(pk, self._kv[2 * i])
+            io.bind_ortvalue_input(pv, self._kv[2 * i + 1])
+            io.bind_ortvalue_output(nk, self._kv[2 * i])
+            io.bind_ortvalue_output(nv, self._kv[2 * i + 1])
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
-        self._kv = list(outs[1:])
         self.n_past = total
         logits = outs[0].numpy()[0]
+        self.tokens_evaluated += T
+        self.eval_seconds += time.perf_counter() - t0
         return logits if all_logits else logits[-1]
 
+    def metrics(self) -> dict:
+        """Telemetry: the providers the session runs on, tokens evaluated and the time they took, the
+        process's memory."""
+        import psutil
+
+        return {"engine": self.name, "execution_providers": list(self.providers), "threads": self.threads,
+                "tokens_evaluated": self.tokens_evaluated, "eval_seconds": round(self.eval_seconds, 6),
+                "n_past": self.n_past, "resident_bytes": psutil.Process().memory_info().rss}
+
     def truncate(self, n: int) -> None:
-        """Keep the first n positions: the cache is cut to them (one copy)."""
-        n = max(0, min(n, self.n_past))
-        if n == self.n_past:
-            return
-        if n == 0 or self._kv is None:
-            self._kv = None
-        else:
-            self._kv = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n]))
-                        for v in self._kv]
-        self.n_past = n
+        """Keep the first n positions (rows past them are masked by the sequence length, then overwritten)."""
+        self.n_past = max(0, min(n, self.n_past))
 
     def close(self) -> None:
-        self._kv = None
+        self._kv = []
         self.session = None
