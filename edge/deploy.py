@@ -49,6 +49,9 @@ def deploy(model, out: Path | None, *, device: str = "auto", budget_bytes: int |
         build(src.path, out, format="gguf", weight_type=None if src.kind == "gguf" else "q4_1", force=force,
               progress=say)
         final = first
+    elif first.backend == "ort":  # int4 ONNX: QMoE experts, MatMulNBits trunk
+        build(src.path, out, format="onnx", weight_type="int4", force=force, progress=say)
+        final = first
     else:
         build(src.path, out, format="offload", force=force, progress=say)
         loc = read_manifest(out).locality  # now measured: plan again with it, and the store's read speed

@@ -63,6 +63,9 @@ class HardwareProfile:
     # the offload engine's compute per decoded token on the GGUF at storage_path, no expert loaded
     # (device.gguf_probes.gguf_step_compute; set by profile.at_gguf for that file only)
     gguf_step_compute_s: float | None = None
+    ort_layer_us: float | None = None  # ONNX Runtime's (CPU provider) fixed cost per layer per decoded token
+    # ONNX Runtime's bytes of weights per second decoding a MoE over llama.cpp's, on the same probe model
+    ort_stream_ratio: float | None = None
 
     @property
     def usable_memory_bytes(self) -> int:

@@ -118,6 +118,7 @@ def test_every_device_profile_validates_and_plans():
     for name in names:
         dev = device_profile(name)
         assert dev.ram_total_bytes > 0
+        assert dev.ort_providers[0] == "CPUExecutionProvider"  # each file lists its providers, CPU first
         p = plan(edge.inspect(), dev, context=2048)
         assert p.backend == "llamacpp" and p.predicted_peak_bytes < dev.ram_total_bytes
         if dev.memory_bandwidth_gbps:
@@ -136,6 +137,9 @@ def test_malformed_profile_names_the_field(tmp_path):
         load_device_file(bad)
     bad.write_text("name: [unclosed")
     with pytest.raises(EdgeError, match="bad.yaml: not valid YAML"):
+        load_device_file(bad)
+    bad.write_text(src.replace("execution_providers: {value: [cpu", "execution_providers: {value: [tpu"))
+    with pytest.raises(EdgeError, match=r"bad.yaml: field 'execution_providers'.*cpu, xnnpack, qnn, coreml, openvino"):
         load_device_file(bad)
 
 
@@ -162,3 +166,24 @@ def test_a_gguf_read_from_the_file_is_planned_in_its_own_types(tmp_path):
     assert a.predicted_peak_bytes <= budget and min(a.cache_slots_per_layer) >= spec.top_k
     with pytest.raises(EdgeError, match=r"needs .* with offloading from the GGUF .* budget is 10 MiB"):
         plan(spec, fast, budget_bytes=10 << 20, context=512, backend="offload", stored=stored)
+
+
+def test_onnx_runtime_is_chosen_only_where_predicted_faster():
+    """ONNX Runtime is the third candidate: with its measured fixed cost below llama.cpp's the plan
+    is ORT's and says why; above, llama.cpp's plan names ORT's slower prediction; unmeasured (a
+    device file), llama.cpp runs it and the reason says ORT was not measured."""
+    spec = edge.inspect()
+    cached = replace(THIS, llc_bytes=32 << 20)
+    faster = plan(spec, replace(cached, ort_layer_us=40.0), context=512)
+    assert faster.backend == "ort" and faster.weight_type == "int4"
+    assert faster.predicted_decode_tok_s == pytest.approx(1e6 / (spec.n_layers * 40.0))
+    assert any("against llama.cpp's" in r for r in faster.reasons)
+    slower = plan(spec, replace(cached, ort_layer_us=90.0), context=512)
+    assert slower.backend == "llamacpp"
+    assert any(r.startswith("not ONNX Runtime: predicted") for r in slower.reasons)
+    unmeasured = plan(spec, cached, context=512)
+    assert unmeasured.backend == "llamacpp" and any("not measured" in r for r in unmeasured.reasons)
+    asked = plan(spec, cached, context=512, backend="ort")
+    assert asked.backend == "ort" and asked.predicted_decode_tok_s is None
+    with pytest.raises(EdgeError, match=r"needs .* on ONNX Runtime at int4; budget is"):
+        plan(spec, cached, context=512, backend="ort", budget_bytes=10 << 20)

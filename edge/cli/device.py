@@ -55,6 +55,8 @@ def profile(as_json: bool = typer.Option(False, "--json", help="Print the profil
         ("llama.cpp fixed cost per layer", fmt(p.llama_layer_us, "µs")),
         ("llama.cpp MoE decode, Q4_1 weights", fmt(p.llama_stream_gbps, "GB/s")),
         ("offload engine fixed cost per layer", fmt(p.offload_layer_us, "µs")),
+        ("ONNX Runtime fixed cost per layer", fmt(p.ort_layer_us, "µs")),
+        ("ONNX Runtime MoE streaming / llama.cpp's", "-" if p.ort_stream_ratio is None else f"{p.ort_stream_ratio:.2f}x"),
         ("GPU", p.gpu or "none found"),
         ("ONNX Runtime providers", ", ".join(p.ort_providers) or "-"),
         ("llama.cpp RPC backend", "yes" if p.llama_rpc else "no"),
@@ -69,7 +71,7 @@ def plan(model: Optional[str] = typer.Argument(None, help="Checkpoint, .gguf or 
          budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
          context: int = typer.Option(2048, "--context", help="Context length the KV cache must hold."),
          bits: int = typer.Option(4, "--bits", help="Expert bits (2..4)."),
-         backend: str = typer.Option("auto", "--backend", help="auto, llamacpp or offload."),
+         backend: str = typer.Option("auto", "--backend", help="auto, llamacpp, offload or ort (ONNX Runtime)."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
     """Plan how MODEL runs on a device within a memory budget, with predicted speed and memory."""
     from edge.plan.planner import plan as make_plan
@@ -132,7 +134,7 @@ def deploy(model: Optional[str] = typer.Argument(None, help="Hugging Face checkp
            device: str = typer.Option("auto", "--device", help="auto (measure this machine) or a profile name."),
            budget: Optional[str] = typer.Option(None, "--budget", help="Memory the model may use (default: available now)."),
            context: int = typer.Option(2048, "--context", help="Context length to plan for."),
-           backend: str = typer.Option("auto", "--backend", help="auto (the planner chooses), llamacpp or offload."),
+           backend: str = typer.Option("auto", "--backend", help="auto (the planner chooses), llamacpp, offload or ort (ONNX Runtime)."),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle folder (default: NAME-BACKEND)."),
            force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
            peers: Optional[str] = typer.Option(None, "--peers", envvar="EDGE_PEERS",

@@ -26,7 +26,7 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF f
           concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Generations at once, each with its own copy of the model (default 1)."),
           queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Requests that may wait; past it, 429 with Retry-After (default 8)."),
           timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds a request may take, waiting included (default 600)."),
-          backend: Optional[str] = typer.Option(None, "--backend", help="auto, reference, llamacpp or offload."),
+          backend: Optional[str] = typer.Option(None, "--backend", help="auto, reference, llamacpp, offload or ort (ONNX Runtime)."),
           memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Offload engine: the process stays under this."),
           n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length."),
           threads: Optional[int] = typer.Option(None, "--threads"),

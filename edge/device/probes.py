@@ -175,6 +175,88 @@ def llama_stream_gbps(layer_us: float | None, llc: int | None = None) -> float |
     return active / weights_s / 1e9 if weights_s > 0 else None
 
 
+def _ort_bundle(name: str, source: Path | None) -> Path:
+    """An int4 ONNX bundle of ``source`` (None: the embedded model) in edge's cache, built once."""
+    from edge.builder.bundles import build
+    from edge.builder.onnx_graph import current
+
+    bundle = cache_dir() / name
+    if not current(bundle):
+        build(source, bundle, format="onnx", weight_type="int4", force=True)
+    return bundle
+
+
+def _ort_backend(bundle: Path):
+    from edge.formats.bundle import read_manifest
+    from edge.runtime.ort import OrtBackend
+
+    m = read_manifest(bundle)
+    return OrtBackend(bundle / "model.onnx", m.spec, n_ctx=256, max_context=m.onnx["max_context"],
+                      n_threads=default_threads())
+
+
+def ort_layer_us(gemv_q4_gflops: float, llc: int | None = None) -> float | None:
+    """ONNX Runtime's fixed cost per layer per decoded token (CPU provider), from the embedded model
+    as an int4 ONNX bundle (3 MB: cache-resident, so its decode time is nearly all fixed cost).
+    None where the bundle cannot be built here (onnx-ir not installed: the `onnx` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx_ir") is None:
+        return None
+    from edge.plan.costs import ort_bytes
+
+    be = _ort_backend(_ort_bundle("profile-default-onnx-int4", None))
+    try:
+        per_token = _per_token_s(be)
+    finally:
+        be.close()
+    spec = be.spec
+    whole, active = ort_bytes(spec)
+    weights_s = 0.0 if llc and whole <= llc else active / gemv_stream_bps(gemv_q4_gflops)
+    return max(0.0, per_token - weights_s) / spec.n_layers * 1e6
+
+
+def layer_costs(gemv_q4_gflops: float, llc: int | None, with_ort: bool, rounds: int = 3) -> tuple[float, float | None]:
+    """(llama.cpp's, ONNX Runtime's) fixed cost per layer, each the median of ``rounds`` probes taken
+    in turn, so that a slow minute of a shared machine falls on both (the planner compares them)."""
+    llama, ort = [], []
+    for _ in range(rounds):
+        llama.append(llama_layer_us(gemv_q4_gflops, llc=llc))
+        if with_ort:
+            ort.append(ort_layer_us(gemv_q4_gflops, llc=llc))
+    measured = [x for x in ort if x is not None]
+    return statistics.median(llama), statistics.median(measured) if measured else None
+
+
+def ort_stream_ratio(ort_us: float | None, llama_us: float | None) -> float | None:
+    """How fast ONNX Runtime streams a MoE's weights relative to llama.cpp: bytes of weights per
+    second decoding the streaming probe's model (llama.cpp on its Q4_1 GGUF, ONNX Runtime on that
+    file exported to int4 ONNX), each less its measured fixed cost per layer. A ratio, not a rate,
+    so that it holds whether or not this device's cache holds the probe (the planner multiplies
+    llama.cpp's streaming rate, measured or from ggml's GEMV, by it)."""
+    if ort_us is None or llama_us is None:
+        return None
+    from edge.formats.gguf_read import read_spec
+    from edge.plan.costs import ort_bytes
+    from edge.runtime.llamacpp import LlamaCppBackend
+
+    path = moe_probe_gguf()
+    spec = read_spec(path)
+    be = LlamaCppBackend(path, n_ctx=256, n_threads=default_threads())
+    try:
+        llama_s = _per_token_s(be, passes=3) - spec.n_layers * llama_us * 1e-6
+    finally:
+        be.close()
+    be = _ort_backend(_ort_bundle("profile-moe-onnx-int4", path))
+    try:
+        ort_s = _per_token_s(be, passes=3) - spec.n_layers * ort_us * 1e-6
+    finally:
+        be.close()
+    if llama_s <= 0 or ort_s <= 0:
+        return None
+    return (ort_bytes(spec)[1] / ort_s) / (spec.decode_bytes(BPW["q4_1"], BPW["q4_1"]) / llama_s)
+
+
 def measure_engine_load_factors(bundle: Path, device, bits: tuple[int, ...] = (4, 2),
                                 seconds: float = 2.0) -> dict[int, float | None]:
     """How much dearer an expert load is inside the offload engine than the sum of its probed steps

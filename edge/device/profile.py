@@ -202,7 +202,7 @@ def _gpu() -> str | None:
 
 def measure(storage_dir: Path | None = None) -> HardwareProfile:
     """Measure this device (a few seconds)."""
-    from edge.device.probes import llama_layer_us, llama_stream_gbps, offload_layer_us
+    from edge.device.probes import layer_costs, llama_stream_gbps, offload_layer_us, ort_stream_ratio
     from edge.runtime import ggml
 
     model, isa = _cpu_info()
@@ -225,8 +225,9 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
     except ImportError:
         rpc = False
     llc = llc_bytes()
-    llama_us = llama_layer_us(q4, llc=llc)
+    llama_us, ort_us = layer_costs(q4, llc, "CPUExecutionProvider" in providers)
     llama_stream = llama_stream_gbps(llama_us, llc=llc)
+    ort_ratio = ort_stream_ratio(ort_us, llama_us)
     return HardwareProfile(
         name=platform.node() or "this device", source="measured", measured_unix=int(time.time()),
         cpu_model=model, cores_physical=psutil.cpu_count(logical=False) or 1,
@@ -245,6 +246,8 @@ def measure(storage_dir: Path | None = None) -> HardwareProfile:
         gpu=_gpu(), ort_providers=providers, llama_rpc=rpc, llc_bytes=llc,
         llama_stream_gbps=None if llama_stream is None else round(llama_stream, 2),
         native_convert=_native.nested_to_q4_1 is not None,
+        ort_layer_us=None if ort_us is None else round(ort_us, 1),
+        ort_stream_ratio=None if ort_ratio is None else round(ort_ratio, 3),
     )
 
 

@@ -20,6 +20,12 @@ UNKNOWN = "unknown"
 NONE = "none"  # the device has no such part (e.g. no NPU), as its source says
 
 
+# edge's execution-provider names -> ONNX Runtime's (edge.runtime.ort.PROVIDERS; not imported from the runtime
+# here so reading a device file stays free of onnxruntime)
+EP_PROVIDERS = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "qnn": "QNNExecutionProvider",
+                "coreml": "CoreMLExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+
+
 def profiles_dir() -> Path:
     """The device profiles installed with edge (package data of edge.device)."""
     return Path(__file__).resolve().parent / "hw-profiles"
@@ -67,6 +73,9 @@ class DeviceFile(BaseModel):
     cpu_gflops_fp32: Sourced
     gpu: Sourced
     accelerator_tops_int8: Sourced
+    # ONNX Runtime execution providers that run on this device, by edge's names (edge.runtime.ort
+    # PROVIDERS: cpu, xnnpack, qnn, coreml, openvino), each sourced from ONNX Runtime's docs
+    execution_providers: Sourced
 
     _ram = field_validator("ram_bytes")(_positive(int))
     _cores = field_validator("cpu_cores")(_positive(int))
@@ -74,6 +83,14 @@ class DeviceFile(BaseModel):
     _storage = field_validator("storage_read_mbps")(_positive(float))
     _gflops = field_validator("cpu_gflops_fp32")(_positive(float))
     _tops = field_validator("accelerator_tops_int8")(_positive(float))
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _eps(cls, v: Sourced) -> Sourced:
+        known = ("cpu", "xnnpack", "qnn", "coreml", "openvino")
+        if v.known and not (isinstance(v.value, list) and v.value and all(x in known for x in v.value)):
+            raise ValueError(f"must be a non-empty list of {', '.join(known)}")
+        return v
 
     @field_validator("isa_features")
     @classmethod
@@ -98,7 +115,8 @@ class DeviceFile(BaseModel):
             storage_path=None,
             gemv_q4_gflops=None, gemv_q8_gflops=None, ggml_call_us=None, convert_mbps=None, llama_layer_us=None,
             offload_layer_us=None,
-            gpu=None if not self.gpu.known else str(self.gpu.value), ort_providers=(), llama_rpc=False)
+            gpu=None if not self.gpu.known else str(self.gpu.value),
+            ort_providers=tuple(EP_PROVIDERS[e] for e in (val(self.execution_providers) or ())), llama_rpc=False)
 
 
 def load_device_file(path: Path) -> DeviceFile:

@@ -18,6 +18,10 @@ LLAMA_OVERHEAD_BYTES = 64 << 20  # llama.cpp compute buffers and runtime (measur
 # running the tiny synthetic bundle (109 MiB held before its cache, less 2 trunk, 42 scratch, 1 KV,
 # 2 staging), and the CLI's own modules on top
 OFFLOAD_RUNTIME_BYTES = 96 << 20
+# ONNX bundles at int4 (edge/builder/onnx_graph.py): 4-bit codes, a float32 scale and a 4-bit zero point
+# per 32 weights; the embedding and output matrix at 8 bits (8-bit codes, scale and zero point per 32).
+ORT_INT4_BPW = 4 + (32 + 4) / 32
+ORT_HEAD_BPW = 8 + (32 + 8) / 32
 GEMV_SHARE_OF_PEAK = 0.70  # device profiles list peak DRAM bandwidth, not a measured GEMV rate
 CRC_BYTES_PER_S = 4e9  # zlib.crc32 when a profile has no measured checksum speed (2-4 GB/s here)
 
@@ -154,3 +158,15 @@ def stored_load_s(stored, device: HardwareProfile, read_mbps: float) -> tuple[fl
     s = latency + nbytes / (read_mbps * 1e6)
     return s, (f"{format_bytes(nbytes)} in {stored.reads_per_load} reads at {read_mbps:.0f} MB/s + "
                f"{latency * 1e3:.1f} ms latency = {s * 1e3:.1f} ms (no checksum, no conversion)")
+
+
+def ort_bytes(spec: ModelSpec) -> tuple[float, float]:
+    """(bytes of an int4 ONNX bundle's weights, bytes one decoded token reads of them): the output
+    matrix and embedding at 8 bits, every other matrix (and K of E experts per token) at 4."""
+    head = spec.vocab_size * spec.hidden_size  # the output matrix; the embedding too unless tied
+    tables = head if spec.tied_embeddings else 2 * head
+    whole = ((spec.dense_params - tables) * ORT_INT4_BPW + tables * ORT_HEAD_BPW
+             + spec.expert_params * ORT_INT4_BPW) / 8
+    active = ((spec.dense_streamed_params - head) * ORT_INT4_BPW + head * ORT_HEAD_BPW
+              + spec.expert_params * spec.top_k / spec.n_experts * ORT_INT4_BPW) / 8
+    return whole, active

@@ -39,6 +39,7 @@ from edge.plan.costs import (
     expert_load_s,
     fixed_s,
     offload_compute_s,
+    ort_bytes,
     slot_bytes,
     staging_bytes,
     stored_compute_s,
@@ -49,7 +50,10 @@ from edge.plan.costs import (
 from edge.spec import ModelSpec, StoredExperts
 from edge.units import format_bytes
 
-BACKENDS = ("auto", "llamacpp", "offload")
+BACKENDS = ("auto", "llamacpp", "offload", "ort")
+# ONNX Runtime replaces llama.cpp only where predicted this much faster: on the default model the
+# two measured within 7% of each other (docs/ort.md), inside the probes' run-to-run spread.
+ORT_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Plan:
 
     model: str
     device: str
-    backend: str  # "llamacpp", "offload" or "d2d" (across peers: edge.sdk.group)
+    backend: str  # "llamacpp", "offload", "ort" (ONNX Runtime) or "d2d" (across peers: edge.sdk.group)
     weight_type: str
     bits: int
     budget_bytes: int
@@ -111,7 +115,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     if bits not in (2, 3, 4):
         raise EdgeError(f"plans use 2..4-bit experts, not {bits}")
     if backend not in BACKENDS:
-        raise EdgeError(f"unknown backend {backend!r}; choose auto, llamacpp or offload")
+        raise EdgeError(f"unknown backend {backend!r}; choose auto, llamacpp, offload or ort")
     budget = budget_bytes if budget_bytes is not None else device.usable_memory_bytes
     L, E, K = spec.n_layers, spec.n_experts, spec.top_k
     threads = device.cores_physical
@@ -122,6 +126,8 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     weights = spec.dense_params * q4 + spec.expert_params * q4
     whole = weights + kv16 + LLAMA_OVERHEAD_BYTES
     fits = whole <= budget
+    if backend == "ort":
+        return _ort_plan(spec, device, budget, context, model_name, threads, None, asked=True)
     if backend == "llamacpp" or (backend == "auto" and fits):
         stream, stream_why = stream_bytes_per_s(device, "llamacpp")
         reasons.append(f"weights stream at {stream_why}")
@@ -138,6 +144,11 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
             w_s, w_why = weights_s(active, weights, stream, device, device.llama_layer_us is not None)
             decode = 1 / (w_s + f_s)
             reasons.append(f"decode: {w_why} + {f_why} -> {decode:.1f} tokens/s")
+        if backend == "auto" and decode is not None:
+            ort = _ort_plan(spec, device, budget, context, model_name, threads, decode, asked=False)
+            if ort is not None:
+                return ort
+            reasons.append(_ort_declined(spec, device, budget, context, decode))
         return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
                     int(whole), decode, tuple(reasons))
     if stored is not None:
@@ -191,6 +202,68 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
                 f"decode: {w_why} + {f_why} + {loads * load_s * 1e3:.0f} ms loading -> {1 / step:.2f} tokens/s"]
     return Plan(model_name, device.name, "offload", wtype, bits, budget, context, threads,
                 slots, prefetch, int(peak), 1 / step, tuple(reasons), loads, load_s)
+
+
+def _ort_predict(spec: ModelSpec, device: HardwareProfile, context: int) -> tuple[int, float | None, list[str]]:
+    """(bytes ONNX Runtime holds, its predicted decode tokens/s or None, the reasons) for an int4
+    ONNX bundle on the CPU provider: weights at ORT's measured streaming rate (else the device's ggml
+    GEMV rate, stated) plus its fixed cost per layer measured on the embedded model."""
+    whole_w, active = ort_bytes(spec)
+    kv32 = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * context * 4  # float32 K and V
+    held = int(whole_w + kv32 + LLAMA_OVERHEAD_BYTES)
+    reasons = [f"ONNX Runtime holds {format_bytes(held)} (int4 weights {format_bytes(whole_w)}, float32 KV for "
+               f"{context} tokens {format_bytes(kv32)}, runtime {format_bytes(LLAMA_OVERHEAD_BYTES)})"]
+    if device.ort_layer_us is None:
+        reasons.append("ONNX Runtime's speed is not measured on this device (edge device profile measures its CPU "
+                       "provider; a device file's other providers are not measured)")
+        return held, None, reasons
+    stream, why = stream_bytes_per_s(device, "llamacpp")
+    if device.ort_stream_ratio and stream:
+        stream *= device.ort_stream_ratio
+        why = (f"{device.ort_stream_ratio:.2f} x llama.cpp's rate ({why}): ONNX Runtime's measured bytes per second "
+               f"against llama.cpp's on the same MoE probe = {stream / 1e9:.1f} GB/s")
+    elif stream:
+        why = f"llama.cpp's rate ({why}): ONNX Runtime's relative rate not measured"
+    reasons.append(f"ONNX Runtime weights stream at {why}")
+    w_s, w_why = weights_s(active, whole_w, stream, device, True) if stream else (0.0, "weights: unknown rate")
+    f_s, f_why = fixed_s(device.ort_layer_us, spec.n_layers, "ONNX Runtime")
+    decode = 1 / (w_s + f_s) if w_s + f_s > 0 else None
+    reasons.append(f"ONNX Runtime decode: {w_why} + {f_why} -> {decode:.1f} tokens/s" if decode else
+                   "ONNX Runtime decode: not predicted")
+    return held, decode, reasons
+
+
+def _ort_plan(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, model_name: str, threads: int,
+              llama_decode: float | None, *, asked: bool) -> Plan | None:
+    """The ONNX Runtime plan: ``asked`` for, or chosen over llama.cpp (predicted ``llama_decode``)
+    where it is predicted faster (None when it is not)."""
+    held, decode, reasons = _ort_predict(spec, device, context)
+    if asked and held > budget:
+        raise EdgeError(f"needs {format_bytes(held)} to run whole on ONNX Runtime at int4; budget is "
+                        f"{format_bytes(budget)} (use the offload backend)")
+    if not asked:
+        if decode is None or held > budget or decode < ORT_MARGIN * llama_decode:
+            return None
+        reasons.append(f"ONNX Runtime predicted {decode:.1f} tokens/s against llama.cpp's {llama_decode:.1f} "
+                       f"({decode / llama_decode:.2f}x, at least {ORT_MARGIN}x): ONNX Runtime runs it")
+    else:
+        reasons.append(f"fits: {format_bytes(held)} <= budget {format_bytes(budget)}; ONNX Runtime asked for")
+    return Plan(model_name, device.name, "ort", "int4", 4, budget, context, threads, None, 0, held, decode,
+                tuple(reasons))
+
+
+def _ort_declined(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, llama_decode: float | None) -> str:
+    """One reason line: why the plan is llama.cpp's and not ONNX Runtime's."""
+    held, decode, reasons = _ort_predict(spec, device, context)
+    if decode is None:
+        return f"not ONNX Runtime: {reasons[-1]}"
+    if held > budget:
+        return f"not ONNX Runtime: it would hold {format_bytes(held)} > budget {format_bytes(budget)}"
+    if llama_decode is None:
+        return "not ONNX Runtime: llama.cpp's speed is unknown here, so nothing shows ONNX Runtime faster"
+    return (f"not ONNX Runtime: predicted {decode:.1f} tokens/s ({reasons[-1].split(': ', 1)[1]}) against "
+            f"llama.cpp's {llama_decode:.1f}; it runs a model only where predicted at least {ORT_MARGIN}x faster "
+            f"(it holds more memory, and the fixed costs behind both predictions vary by ~10% run to run here)")
 
 
 def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExperts, budget: int, context: int,

@@ -98,6 +98,7 @@ def _cached_onnx(src: Source) -> tuple[Path, bool]:
     """An int4 ONNX bundle of a checkpoint or GGUF, built once into edge's cache (keyed by the
     source's files, sizes and times); (its path, whether it was built now)."""
     from edge.builder.bundles import build
+    from edge.builder.onnx_graph import current
 
     h = hashlib.sha256()
     files = sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]
@@ -106,7 +107,7 @@ def _cached_onnx(src: Source) -> tuple[Path, bool]:
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = cache_dir("onnx") / f"{src.name}-{h.hexdigest()[:16]}-int4"
-    if (target / "manifest.json").is_file():
+    if current(target):
         return target, False
     build(src.path, target, format="onnx", weight_type="int4", force=True)
     return target, True
