@@ -258,3 +258,25 @@ def test_request_timeout():
         assert s.metrics()["edge:num_requests_running"] == 0
     finally:
         s.stop()
+
+
+def test_an_onnx_bundle_serves_on_onnx_runtime(tmp_path):
+    """edge serve on an ONNX bundle: ONNX Runtime answers the official client, streaming included,
+    with the text the SDK gives on the same bundle."""
+    import edge
+
+    bundle = tmp_path / "onnx"
+    edge.build(None, bundle, format="onnx")
+    s = Server(str(bundle), "--api-key", KEY)
+    try:
+        c = s.client()
+        r = c.completions.create(model="x", prompt="def fibonacci(", max_tokens=10, temperature=0)
+        chunks = c.chat.completions.create(model="x", messages=CHAT, max_tokens=8, temperature=0, stream=True)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finally:
+        s.stop()
+    with edge.load(bundle) as local:
+        assert local.backend_name == "ort"
+        assert r.choices[0].text == local.create_completion("def fibonacci(", max_tokens=10, temperature=0)["choices"][0]["text"]
+        want = local.create_chat_completion(CHAT, max_tokens=8, temperature=0)["choices"][0]["message"]["content"]
+    assert streamed == want and r.usage.completion_tokens == 10
