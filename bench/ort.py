@@ -120,7 +120,8 @@ def bench_model(model: str, root: Path, runs: int, tokens: int, threads: int) ->
         rows["ort"].append(run_one("edge", onnx, tokens, threads, {}))
     summary = {}
     for system, rs in rows.items():
-        summary[system] = {k: statistics.median(r[k] for r in rs) for k in ("decode_tok_s", "prefill_tok_s", "peak_rss")}
+        keys = ("decode_tok_s", "prefill_tok_s", "peak_rss")
+        summary[system] = {k: statistics.median(r[k] for r in rs) for k in keys}
         summary[system]["runs"] = [round(r["decode_tok_s"], 1) for r in rs]
     choice = planner_choice(ggufs["q4_k_m"] if model != "default" else None)
     faster = max(summary, key=lambda s: summary[s]["decode_tok_s"])
@@ -135,7 +136,8 @@ def report(results: list[dict]) -> None:
     print("|---|---|---|---:|---:|---:|---|")
     for r in results:
         for system, s in r["summary"].items():
-            setting = (f"{r['llama_best']['type'].upper()}, load {r['llama_best']['load_mode']}" if system == "llama.cpp"
+            best = r["llama_best"]
+            setting = (f"{best['type'].upper()}, load {best['load_mode']}" if system == "llama.cpp"
                        else "int4 ONNX, CPU provider")
             print(f"| {r['model']} | {system} | {setting} | {s['decode_tok_s']:.1f} | {s['prefill_tok_s']:.0f} | "
                   f"{s['peak_rss'] / gib:.2f} GiB | {s['runs']} |")
@@ -152,11 +154,12 @@ def report(results: list[dict]) -> None:
         slower = min(s, key=lambda k: s[k]["decode_tok_s"])
         gap = s[r["faster"]]["decode_tok_s"] / s[slower]["decode_tok_s"] - 1
         mark = "right" if chosen == r["faster"] else f"WRONG, {gap:.0%} slower"
-        print(f"| {r['model']} | {ratio:.2f}x | {pre:.2f}x | {p['backend']} ({mark}) | {p['predicted_tok_s'] or 0:.1f} | "
-              f"{r['faster']} | {r['onnx_bytes'] / gib:.2f} GiB | {built} |")
+        print(f"| {r['model']} | {ratio:.2f}x | {pre:.2f}x | {p['backend']} ({mark}) | "
+              f"{p['predicted_tok_s'] or 0:.1f} | {r['faster']} | {r['onnx_bytes'] / gib:.2f} GiB | {built} |")
     print("\nllama.cpp sweep (one run each):")
     for r in results:
-        print(f"  {r['model']}: " + ", ".join(f"{s['type']}/{s['load_mode']} {s['decode_tok_s']:.1f}" for s in r["llama_sweep"]))
+        sweep = ", ".join(f"{s['type']}/{s['load_mode']} {s['decode_tok_s']:.1f}" for s in r["llama_sweep"])
+        print(f"  {r['model']}: {sweep}")
     for r in results:
         print(f"planner on {r['model']}: " + " | ".join(r["planner"]["reasons"][-3:]))
     default = next((r for r in results if r["model"] == "default"), None)

@@ -167,7 +167,8 @@ def _onnx_expert_bytes(spec, wtype: str) -> int:
         return L * E * weights * 4
     if wtype == "int8":
         return L * E * (weights + 5 * (2 * F + D))
-    return L * E * (weights // 2 + 3 * F * D // BLOCK * 4 + (2 * F * ((D // BLOCK + 1) // 2) + D * ((F // BLOCK + 1) // 2)))
+    zeros = 2 * F * ((D // BLOCK + 1) // 2) + D * ((F // BLOCK + 1) // 2)  # two 4-bit zero points a byte
+    return L * E * (weights // 2 + 3 * F * D // BLOCK * 4 + zeros)
 
 
 def _fits_in_memory(src: Source, say: Progress) -> None:

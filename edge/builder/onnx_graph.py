@@ -151,8 +151,8 @@ class _Builder:
         b = self.lazy(f"{name}.qweight", ir.DataType.UINT8, (n, kb, BLOCK * bits // 8), lambda: part("b"))
         s = self.lazy(f"{name}.scales", ir.DataType.FLOAT, (n, kb), lambda: part("s"))
         z = self.lazy(f"{name}.zeros", ir.DataType.UINT8, (n, (kb * bits + 7) // 8), lambda: part("z"))
-        return self.t.op("MatMulNBits", [x, b, s, z], dict(K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY[bits]),
-                         domain="com.microsoft")
+        attrs = dict(K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY[bits])
+        return self.t.op("MatMulNBits", [x, b, s, z], attrs, domain="com.microsoft")
 
     # -- the network ----------------------------------------------------------------------------
     def build(self, max_context: int):
@@ -260,7 +260,8 @@ class _Builder:
         w = self._vector(f"{name}.weight", layer, field, (Dh,))
         shape = t.op("Shape", [x])
         per_head = t.op("Reshape", [x, self.const(f"{name}.heads", np.array([0, 0, heads, Dh], np.int64))])
-        normed = t.op("SimplifiedLayerNormalization", [per_head, w], dict(epsilon=float(self.spec.rms_norm_eps), axis=-1))
+        eps = float(self.spec.rms_norm_eps)
+        normed = t.op("SimplifiedLayerNormalization", [per_head, w], dict(epsilon=eps, axis=-1))
         return t.op("Reshape", [normed, shape])
 
     def _moe(self, i: int, h):

@@ -106,6 +106,12 @@ class OrtBackend:
         except Exception as e:  # onnxruntime raises its own exception types, one per status code
             raise _session_error(self.path, e) from None
         self.providers = tuple(self.session.get_providers())
+        if provider != "CPUExecutionProvider":
+            import logging
+
+            logging.getLogger("edge.ort").warning(
+                f"ONNX Runtime runs on {ep} the nodes {provider} takes; the others (QMoE among them where it has no "
+                f"kernel for it) run on the CPU provider")
         self._kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
                            f"present.{i}.value") for i in range(spec.n_layers)]
         # K and V live in one buffer per layer for the whole context, bound as both the past and the

@@ -31,8 +31,8 @@ def load(model: str | os.PathLike | None = None, *, backend: str = "auto", n_ctx
     straight from the file; offload bundles run on the offload engine, everything else on the
     reference engine; ONNX bundles run on ONNX Runtime. ``backend="ort"`` runs a checkpoint or a GGUF
     on ONNX Runtime too, exported once to an int4 ONNX bundle kept in edge's cache; ``ep`` names its
-    execution provider (cpu, xnnpack, qnn, coreml, openvino; default cpu). ``verify=True`` re-hashes every bundle file. ``memory_budget`` (bytes or
-    "300MB") bounds the whole process's memory on the offload engine; ``offload`` tunes that
+    execution provider (cpu, xnnpack, qnn, coreml, openvino; default cpu). ``verify=True``
+    re-hashes every bundle file. ``memory_budget`` (bytes or "300MB") bounds the whole process's memory on the offload engine; ``offload`` tunes that
     engine (OffloadOptions).
 
     A bundle made by ``edge deploy`` runs as its plan.json says (backend settings, cache slots,
@@ -109,6 +109,10 @@ def _cached_onnx(src: Source) -> tuple[Path, bool]:
     target = cache_dir("onnx") / f"{src.name}-{h.hexdigest()[:16]}-int4"
     if current(target):
         return target, False
+    import logging
+
+    logging.getLogger("edge").warning(f"exporting {src.name} to an int4 ONNX bundle for ONNX Runtime, once (about 2 "
+                                      f"minutes per 4 GB of weights here; edge build --format onnx shows progress)")
     build(src.path, target, format="onnx", weight_type="int4", force=True)
     return target, True
 
