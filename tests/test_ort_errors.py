@@ -90,3 +90,7 @@ def test_operator_this_onnxruntime_lacks(op, words, bundle, tmp_path):
     with pytest.raises(UnsupportedModelError, match=words) as e:
         OrtBackend(tmp_path / "model.onnx", _spec(bundle), n_ctx=64, max_context=2048, n_threads=1)
     assert "\n" not in str(e.value)
+
+
+def test_serve_refuses_a_missing_provider_before_starting(bundle):
+    one_line_error(cli("serve", str(bundle), "--ep", "coreml", "--port", "0"), "coreml", "macOS")

@@ -16,7 +16,8 @@ def _load(settings):
     from edge.sdk import load
 
     return load(settings.model, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                memory_budget=settings.memory_budget, chat_template=settings.chat_template, peers=settings.peers)
+                memory_budget=settings.memory_budget, chat_template=settings.chat_template, peers=settings.peers,
+                ep=settings.ep)
 
 
 def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF file or bundle (default: EDGE_MODEL, else the embedded default model)."),
@@ -31,7 +32,8 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF f
           n_ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length."),
           threads: Optional[int] = typer.Option(None, "--threads"),
           chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja chat template file instead of the model's own."),
-          peers: Optional[str] = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,... (EDGE_PEERS).")) -> None:
+          peers: Optional[str] = typer.Option(None, "--peers", help="Run across paired peers: 'auto' (mDNS) or host:port,... (EDGE_PEERS)."),
+          ep: Optional[str] = typer.Option(None, "--ep", help="ONNX Runtime's execution provider: cpu, xnnpack, qnn, coreml or openvino (EDGE_EP; implies --backend ort).")) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models), with /health, Prometheus /metrics and a bounded request queue."""
     import uvicorn
@@ -42,12 +44,16 @@ def serve(model: Optional[str] = typer.Argument(None, help="Model folder, GGUF f
 
     given = dict(model=model, host=host, port=port, api_key=api_key, concurrency=concurrency, queue_size=queue_size,
                  request_timeout=timeout, backend=backend, memory_budget=memory_budget, n_ctx=n_ctx, threads=threads,
-                 chat_template=chat_template, peers=peers)
+                 chat_template=chat_template, peers=peers, ep=ep)
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         raise EdgeError(f"serve setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if settings.ep is not None:  # a provider this onnxruntime lacks is refused before the server starts
+        from edge.runtime.ort import provider_for
+
+        provider_for(settings.ep)
     if settings.exposed and not settings.api_key:
         err.print(f"warning: serving on {settings.host} beyond loopback without --api-key: anyone who reaches "
                   f"port {settings.port} can use the model", markup=False)

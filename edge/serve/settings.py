@@ -25,6 +25,7 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1)
     chat_template: str | None = None
     peers: str | None = Field(None, description="run across paired peers: 'auto' (mDNS) or host:port,host:port")
+    ep: str | None = Field(None, description="ONNX Runtime's execution provider (cpu, xnnpack, qnn, coreml, openvino)")
 
     @property
     def exposed(self) -> bool:
