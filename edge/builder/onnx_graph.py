@@ -47,8 +47,8 @@ MAX_CONTEXT = 32768
 # decode took 1.15 ms per token with the 8-bit output matrix at level 1, 0.50 ms at level 4.
 ACCURACY = {4: 4, 8: 4}
 # The token embedding and the output matrix stay at 8 bits in int4 bundles too (as llama.cpp's
-# Q4_K_M keeps its output matrix at 6 bits): at 4 bits they cost the default model 12 points of
-# top-1 agreement with the float model, at 8 bits 2.
+# Q4_K_M keeps its output matrix at 6 bits): the default model's int4 bundle then agrees with the
+# float model on 89.8% of 128 teacher-forced next tokens, against 87.5% with them at 4 bits.
 HEAD_BITS = 8  # rotary tables are built for this many positions at most
 
 
