@@ -41,7 +41,7 @@ TYPES = ("int4", "int8", "f32")
 GRAPH_VERSION = 2
 BLOCK = 32
 OPSET = 21
-MAX_CONTEXT = 32768
+MAX_CONTEXT = 32768  # rotary tables are built for this many positions at most
 # MatMulNBits' accuracy level by bits: 4 = int8 activations, ORT's fast path (what llama.cpp does for its
 # quantized types too). At 8 bits the fp32-activation kernel (level 1) dequantizes: the default model's
 # decode took 1.15 ms per token with the 8-bit output matrix at level 1, 0.50 ms at level 4.
@@ -49,7 +49,7 @@ ACCURACY = {4: 4, 8: 4}
 # The token embedding and the output matrix stay at 8 bits in int4 bundles too (as llama.cpp's
 # Q4_K_M keeps its output matrix at 6 bits): the default model's int4 bundle then agrees with the
 # float model on 89.8% of 128 teacher-forced next tokens, against 87.5% with them at 4 bits.
-HEAD_BITS = 8  # rotary tables are built for this many positions at most
+HEAD_BITS = 8
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
