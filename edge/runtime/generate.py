@@ -32,6 +32,19 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def checked_tokens(tokens: Sequence[int], n_past: int, n_ctx: int, n_vocab: int) -> np.ndarray:
+    """A backend's eval input as int64 ids, refused when empty, not 1-D, past the context or out of
+    the vocabulary."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError("eval needs a non-empty 1-D token list")
+    if n_past + len(ids) > n_ctx:
+        raise EdgeError(f"context full: {n_past} + {len(ids)} tokens exceed n_ctx {n_ctx}")
+    if ids.min() < 0 or ids.max() >= n_vocab:
+        raise ValueError(f"token id out of range 0..{n_vocab - 1}")
+    return ids
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8  # 0 = greedy

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError, UnsupportedModelError
+from edge.runtime.generate import checked_tokens
 
 # edge's name -> (ONNX Runtime's provider, where it comes from)
 PROVIDERS = {
@@ -127,13 +128,7 @@ class OrtBackend:
 
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append tokens to the context; return logits [V] after the last (or [T, V])."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError("eval needs a non-empty 1-D token list")
-        if self.n_past + len(ids) > self.n_ctx:
-            raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        ids = checked_tokens(tokens, self.n_past, self.n_ctx, self.n_vocab)
         T, total = len(ids), self.n_past + len(ids)
         t0 = time.perf_counter()
         io = self.session.io_binding()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edge.errors import EdgeError
+from edge.runtime.generate import checked_tokens
 from edge.formats.weights import LayerWeights, ModelWeights
 
 # Called once per layer per forward: (layer index, expert ids [T, K], gate weights [T, K]).
@@ -130,13 +130,7 @@ class ReferenceEngine:
     # -- Backend protocol -------------------------------------------------------------------
     def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Append tokens to the context; return logits [V] after the last (or [T, V])."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError("eval needs a non-empty 1-D token list")
-        if self.n_past + len(ids) > self.n_ctx:
-            raise EdgeError(f"context full: {self.n_past} + {len(ids)} tokens exceed n_ctx {self.n_ctx}")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        ids = checked_tokens(tokens, self.n_past, self.n_ctx, self.n_vocab)
         x = self.w.embed[ids]  # [T, D]
         pos = np.arange(self.n_past, self.n_past + len(ids))
         cos, sin = rope_tables(self._inv_freq, pos)
