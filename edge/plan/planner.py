@@ -127,7 +127,7 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
     whole = weights + kv16 + LLAMA_OVERHEAD_BYTES
     fits = whole <= budget
     if backend == "ort":
-        return _ort_plan(spec, device, budget, context, model_name, threads, None, asked=True)
+        return _ort_plan(spec, device, budget, context, model_name, threads)
     if backend == "llamacpp" or (backend == "auto" and fits):
         stream, stream_why = stream_bytes_per_s(device, "llamacpp")
         reasons.append(f"weights stream at {stream_why}")
@@ -145,10 +145,10 @@ def plan(spec: ModelSpec, device: HardwareProfile, *, budget_bytes: int | None =
             decode = 1 / (w_s + f_s)
             reasons.append(f"decode: {w_why} + {f_why} -> {decode:.1f} tokens/s")
         if backend == "auto" and decode is not None:
-            ort = _ort_plan(spec, device, budget, context, model_name, threads, decode, asked=False)
-            if ort is not None:
+            ort = _ort_instead(spec, device, budget, context, model_name, threads, decode)
+            if isinstance(ort, Plan):
                 return ort
-            reasons.append(_ort_declined(spec, device, budget, context, decode))
+            reasons.append(ort)
         return Plan(model_name, device.name, "llamacpp", wtype, bits, budget, context, threads, None, 0,
                     int(whole), decode, tuple(reasons))
     if stored is not None:
@@ -233,37 +233,36 @@ def _ort_predict(spec: ModelSpec, device: HardwareProfile, context: int) -> tupl
     return held, decode, reasons
 
 
-def _ort_plan(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, model_name: str, threads: int,
-              llama_decode: float | None, *, asked: bool) -> Plan | None:
-    """The ONNX Runtime plan: ``asked`` for, or chosen over llama.cpp (predicted ``llama_decode``)
-    where it is predicted faster (None when it is not)."""
+def _ort_plan(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, model_name: str,
+              threads: int) -> Plan:
+    """The ONNX Runtime plan, asked for: refused with the numbers when it does not fit."""
     held, decode, reasons = _ort_predict(spec, device, context)
-    if asked and held > budget:
+    if held > budget:
         raise EdgeError(f"needs {format_bytes(held)} to run whole on ONNX Runtime at int4; budget is "
                         f"{format_bytes(budget)} (use the offload backend)")
-    if not asked:
-        if decode is None or held > budget or decode < ORT_MARGIN * llama_decode:
-            return None
-        reasons.append(f"ONNX Runtime predicted {decode:.1f} tokens/s against llama.cpp's {llama_decode:.1f} "
-                       f"({decode / llama_decode:.2f}x, at least {ORT_MARGIN}x): ONNX Runtime runs it")
-    else:
-        reasons.append(f"fits: {format_bytes(held)} <= budget {format_bytes(budget)}; ONNX Runtime asked for")
+    reasons.append(f"fits: {format_bytes(held)} <= budget {format_bytes(budget)}; ONNX Runtime asked for")
     return Plan(model_name, device.name, "ort", "int4", 4, budget, context, threads, None, 0, held, decode,
                 tuple(reasons))
 
 
-def _ort_declined(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, llama_decode: float | None) -> str:
-    """One reason line: why the plan is llama.cpp's and not ONNX Runtime's."""
+def _ort_instead(spec: ModelSpec, device: HardwareProfile, budget: int, context: int, model_name: str, threads: int,
+                 llama_decode: float) -> Plan | str:
+    """The ONNX Runtime plan where it is predicted at least ORT_MARGIN x llama.cpp's ``llama_decode``,
+    else the reason line saying why the plan stays llama.cpp's."""
     held, decode, reasons = _ort_predict(spec, device, context)
     if decode is None:
         return f"not ONNX Runtime: {reasons[-1]}"
     if held > budget:
         return f"not ONNX Runtime: it would hold {format_bytes(held)} > budget {format_bytes(budget)}"
-    if llama_decode is None:
-        return "not ONNX Runtime: llama.cpp's speed is unknown here, so nothing shows ONNX Runtime faster"
-    return (f"not ONNX Runtime: predicted {decode:.1f} tokens/s ({reasons[-1].split(': ', 1)[1]}) against "
-            f"llama.cpp's {llama_decode:.1f}; it runs a model only where predicted at least {ORT_MARGIN}x faster "
-            f"(it holds more memory, and the fixed costs behind both predictions vary by ~10% run to run here)")
+    if decode < ORT_MARGIN * llama_decode:
+        return (f"not ONNX Runtime: predicted {decode:.1f} tokens/s ({reasons[-1].split(': ', 1)[1]}) against "
+                f"llama.cpp's {llama_decode:.1f}; it runs a model only where predicted at least {ORT_MARGIN}x "
+                f"faster (it holds more memory, and the fixed costs behind both predictions vary by ~10% run to "
+                f"run here)")
+    reasons.append(f"ONNX Runtime predicted {decode:.1f} tokens/s against llama.cpp's {llama_decode:.1f} "
+                   f"({decode / llama_decode:.2f}x, at least {ORT_MARGIN}x): ONNX Runtime runs it")
+    return Plan(model_name, device.name, "ort", "int4", 4, budget, context, threads, None, 0, held, decode,
+                tuple(reasons))
 
 
 def _gguf_offload(spec: ModelSpec, device: HardwareProfile, stored: StoredExperts, budget: int, context: int,
