@@ -109,7 +109,6 @@ class _Builder:
         self.ir, self.src, self.spec, self.wtype = ir, source, source.spec, wtype
         self.bits = {"int4": 4, "int8": 8}.get(wtype)
         self.t = tape.Tape()
-        self._quantized: dict[str, QMatrix] = {}
 
     # -- initializers, produced lazily while the file is written ------------------------------
     def lazy(self, name: str, dtype, shape: tuple[int, ...], make: Callable[[], np.ndarray]):
@@ -125,12 +124,24 @@ class _Builder:
     def const(self, name: str, a: np.ndarray):
         return self.t.initializer(self.ir.tensor(a, name=name), name=name)
 
-    def _qmatrix(self, key: str, fetch: Callable[[], np.ndarray], bits: int) -> QMatrix:
-        """The quantized matrix ``key``, made on first use and kept until its last part is written."""
-        q = self._quantized.get(key)
-        if q is None:
-            q = self._quantized[key] = quantize(fetch(), bits, BLOCK)
-        return q
+    def _qparts(self, name: str, fetch: Callable[[], np.ndarray], bits: int, k: int, packed_shape: tuple[int, ...]):
+        """The initializers (codes, scales, zero points) of matrix ``name`` [n, k] at ``bits``: quantized
+        once, when the first of them is written, and dropped after the last."""
+        ir, left, held = self.ir, {"b", "s", "z"}, {}
+
+        def part(p: str) -> np.ndarray:
+            if "q" not in held:
+                held["q"] = quantize(fetch(), bits, BLOCK)
+            q = held["q"]
+            left.discard(p)
+            if not left:
+                held.clear()
+            return {"b": q.packed.reshape(packed_shape), "s": q.scales, "z": q.zeros}[p]
+
+        n, kb = packed_shape[0], k // BLOCK
+        return (self.lazy(f"{name}.qweight", ir.DataType.UINT8, packed_shape, lambda: part("b")),
+                self.lazy(f"{name}.scales", ir.DataType.FLOAT, (n, kb), lambda: part("s")),
+                self.lazy(f"{name}.zeros", ir.DataType.UINT8, (n, (kb * bits + 7) // 8), lambda: part("z")))
 
     def matmul(self, x, name: str, n: int, k: int, fetch: Callable[[], np.ndarray], bits: int | None = None):
         """x [.., k] @ W.T where W [n, k] comes from ``fetch``: MatMulNBits or a float MatMul."""
@@ -138,26 +149,15 @@ class _Builder:
         if self.wtype == "f32":
             w = self.lazy(f"{name}.weight_t", ir.DataType.FLOAT, (k, n), lambda: np.ascontiguousarray(fetch().T))
             return self.t.op("MatMul", [x, w])
-        kb, bits = k // BLOCK, bits or self.bits
-        left = {"b", "s", "z"}
-
-        def part(p: str) -> np.ndarray:
-            q = self._qmatrix(name, fetch, bits)
-            left.discard(p)
-            if not left:
-                del self._quantized[name]
-            return {"b": q.packed, "s": q.scales, "z": q.zeros}[p]
-
-        b = self.lazy(f"{name}.qweight", ir.DataType.UINT8, (n, kb, BLOCK * bits // 8), lambda: part("b"))
-        s = self.lazy(f"{name}.scales", ir.DataType.FLOAT, (n, kb), lambda: part("s"))
-        z = self.lazy(f"{name}.zeros", ir.DataType.UINT8, (n, (kb * bits + 7) // 8), lambda: part("z"))
+        bits = bits or self.bits
+        b, s, z = self._qparts(name, fetch, bits, k, (n, k // BLOCK, BLOCK * bits // 8))
         attrs = dict(K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY[bits])
         return self.t.op("MatMulNBits", [x, b, s, z], attrs, domain="com.microsoft")
 
     # -- the network ----------------------------------------------------------------------------
     def build(self, max_context: int):
         ir, t, s = self.ir, self.t, self.spec
-        D, H, G, Dh, V = s.hidden_size, s.n_heads, s.n_kv_heads, s.head_dim, s.vocab_size
+        D, G, Dh, V = s.hidden_size, s.n_kv_heads, s.head_dim, s.vocab_size
         f32, i64, i32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
         ids = ir.Value(name="input_ids", type=ir.TensorType(i64), shape=ir.Shape([1, "T"]))
         seqlens = ir.Value(name="seqlens_k", type=ir.TensorType(i32), shape=ir.Shape([1]))
@@ -193,20 +193,9 @@ class _Builder:
         if self.wtype == "f32":
             table = self.lazy("embed.weight", ir.DataType.FLOAT, (V, D), lambda: self.src.dense("embed"))
             return self.t.op("Gather", [table, ids], dict(axis=0))
-        bits, kb = HEAD_BITS, D // BLOCK
-        left = {"b", "s", "z"}
-
-        def part(p: str) -> np.ndarray:
-            q = self._qmatrix("embed", lambda: self.src.dense("embed"), bits)
-            left.discard(p)
-            if not left:
-                del self._quantized["embed"]
-            return {"b": q.packed.reshape(V, -1), "s": q.scales, "z": q.zeros}[p]
-
-        u8 = ir.DataType.UINT8  # codes packed along the row, low bits first; zero points likewise
-        data = self.lazy("embed.qweight", u8, (V, D * bits // 8), lambda: part("b"))
-        scales = self.lazy("embed.scales", ir.DataType.FLOAT, (V, kb), lambda: part("s"))
-        zeros = self.lazy("embed.zeros", u8, (V, (kb * bits + 7) // 8), lambda: part("z"))
+        bits = HEAD_BITS
+        # codes packed along the row, low bits first; zero points likewise
+        data, scales, zeros = self._qparts("embed", lambda: self.src.dense("embed"), bits, D, (V, D * bits // 8))
         return self.t.op("GatherBlockQuantized", [data, ids, scales, zeros],
                          dict(bits=bits, block_size=BLOCK, gather_axis=0, quantize_axis=1), domain="com.microsoft")
 
