@@ -150,9 +150,9 @@ def _populate_onnx(src: Source, tmp: Path, wtype: str, say: Progress) -> dict:
     finally:
         source.close()
     size = (tmp / "model.onnx.data").stat().st_size
-    spec = replace(source.spec, dense_bytes=0, expert_bytes=0, weight_dtype=wtype.upper(), source_format="onnx")
-    expert = _onnx_expert_bytes(spec, wtype)
-    spec = replace(spec, expert_bytes=expert, dense_bytes=size - expert)
+    expert = _onnx_expert_bytes(source.spec, wtype)
+    spec = replace(source.spec, expert_bytes=expert, dense_bytes=size - expert, weight_dtype=wtype.upper(),
+                   source_format="onnx")
     return {"name": src.name, "format": "onnx", "weight_type": wtype, "source": str(src.path.resolve()),
             "spec": spec, "tokenizer": tok, "roles": roles, "onnx": facts}
 

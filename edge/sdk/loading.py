@@ -94,19 +94,24 @@ def _load_ort(src: Source, n_ctx: int | None, n_threads: int | None, verify: boo
     return _load_bundle(src, "ort", n_ctx, n_threads, verify, None, None, ep=ep, notes=notes)
 
 
-def _cached_onnx(src: Source) -> tuple[Path, bool]:
-    """An int4 ONNX bundle of a checkpoint or GGUF, built once into edge's cache (keyed by the
-    source's files, sizes and times); (its path, whether it was built now)."""
-    from edge.builder.bundles import build
-    from edge.builder.onnx_graph import current
-
+def _source_key(src: Source) -> str:
+    """What a conversion of ``src`` kept in the cache is keyed by: its weight and config files' names,
+    sizes and modification times (a checkpoint folder's, or the GGUF file's own)."""
     h = hashlib.sha256()
-    files = sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]
-    for p in files:
+    for p in sorted(src.path.iterdir()) if src.path.is_dir() else [src.path]:
         if p.suffix in (".json", ".safetensors", ".gguf"):
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    target = cache_dir("onnx") / f"{src.name}-{h.hexdigest()[:16]}-int4"
+    return h.hexdigest()[:16]
+
+
+def _cached_onnx(src: Source) -> tuple[Path, bool]:
+    """An int4 ONNX bundle of a checkpoint or GGUF, built once into edge's cache (_source_key);
+    (its path, whether it was built now)."""
+    from edge.builder.bundles import build
+    from edge.builder.onnx_graph import current
+
+    target = cache_dir("onnx") / f"{src.name}-{_source_key(src)}-int4"
     if current(target):
         return target, False
     import logging
@@ -335,12 +340,7 @@ def _cached_gguf(src: Source) -> Path:
     from edge.formats.gguf_write import write_gguf
     from edge.formats.hf import load_weights
 
-    h = hashlib.sha256()
-    for p in sorted(src.path.iterdir()):
-        if p.suffix in (".json", ".safetensors"):
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    target = cache_dir("gguf") / f"{src.name}-{h.hexdigest()[:16]}-f32.gguf"
+    target = cache_dir("gguf") / f"{src.name}-{_source_key(src)}-f32.gguf"
     if not target.is_file():
         bos, eos = hf_special_ids(src.path)
         tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
