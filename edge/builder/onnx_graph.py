@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.formats.onnx_quant import QMatrix, expert_block, interleave_rows, quantize
+from edge.runtime.ort import kv_names
 from edge.spec import ModelSpec
 
 TYPES = ("int4", "int8", "f32")
@@ -50,11 +51,6 @@ ACCURACY = {4: 4, 8: 4}
 # Q4_K_M keeps its output matrix at 6 bits): the default model's int4 bundle then agrees with the
 # float model on 89.8% of 128 teacher-forced next tokens, against 87.5% with them at 4 bits.
 HEAD_BITS = 8
-
-
-def kv_names(layer: int) -> tuple[str, str, str, str]:
-    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"present.{layer}.key",
-            f"present.{layer}.value")
 
 
 def check_shape(spec: ModelSpec, wtype: str) -> str | None:

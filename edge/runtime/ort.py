@@ -31,6 +31,12 @@ PROVIDERS = {
 MIN_ORT = (1, 27, 1)  # QMoE's CPU kernel: block-wise experts since 1.23.1, a decode hang fixed in 1.27.1
 
 
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """The graph's cache inputs and outputs for ``layer`` (edge/builder/onnx_graph.py writes them)."""
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", f"present.{layer}.key",
+            f"present.{layer}.value")
+
+
 def available() -> list[str]:
     """edge's names of the execution providers this onnxruntime carries."""
     import onnxruntime as ort
@@ -113,15 +119,13 @@ class OrtBackend:
             logging.getLogger("edge.ort").warning(
                 f"ONNX Runtime runs on {ep} the nodes {provider} takes; the others (QMoE among them where it has no "
                 f"kernel for it) run on the CPU provider")
-        self._kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
-                           f"present.{i}.value") for i in range(spec.n_layers)]
+        self._kv_names = [kv_names(i) for i in range(spec.n_layers)]
         # K and V live in one buffer per layer for the whole context, bound as both the past and the
         # present: GroupQueryAttention then writes the new rows in place (its shared-buffer mode)
         # instead of copying the whole cache into a new present every step
         shape = [1, spec.n_kv_heads, self.n_ctx, spec.head_dim]
         self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu")
                     for _ in range(2 * spec.n_layers)]
-        self._ort = ort
         self.threads = n_threads
         self.tokens_evaluated = 0
         self.eval_seconds = 0.0
